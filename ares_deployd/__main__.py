@@ -1,0 +1,3 @@
+from ares_deployd.daemon import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The HTTP API: a Falcon app, its authentication and its resources."""

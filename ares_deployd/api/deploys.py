@@ -1,0 +1,155 @@
+"""The deployment resources: trigger, poll, list, cancel and read the log."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import falcon
+
+from ares_deployd import buildlog
+from ares_deployd.api.app import read_json
+from ares_deployd.errors import bad_request, not_found
+from ares_deployd.runner import Runner
+from ares_deployd.store import STATUSES, Deployment
+
+LIST_DEFAULT = 20
+LIST_MAX = 200
+
+
+def _lookup(runner: Runner, deployment_id: str) -> Deployment | None:
+    try:
+        canonical = str(uuid.UUID(deployment_id))
+    except ValueError:
+        return None
+    return runner.store.get(canonical) if canonical == deployment_id else None
+
+
+def _find(runner: Runner, deployment_id: str) -> Deployment:
+    """The deployment with this id; malformed and unknown ids are both 404."""
+    deployment = _lookup(runner, deployment_id)
+    if deployment is None:
+        raise not_found("not_found", f"No deployment with id {deployment_id!r}")
+    return deployment
+
+
+def detail(runner: Runner, deployment: Deployment) -> dict[str, Any]:
+    """A deployment as ``GET /api/admin/deploy/{id}`` shows it."""
+    output = buildlog.log_path(runner.state_dir, deployment.id)
+    return {
+        **deployment.summary(),
+        "output": buildlog.tail(output, deployment.id),
+        "unit": deployment.unit,
+        "phase": deployment.phase,
+        "failed_step": deployment.failed_step,
+    }
+
+
+class Deploy:
+    """``POST /api/admin/deploy``: start a deployment of a configured target."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = read_json(req)
+        target = body.get("target")
+        if target is None:
+            raise bad_request("missing_target", 'The body needs a "target"')
+        if not isinstance(target, str):
+            raise bad_request("bad_target", '"target" must be a string')
+
+        deployment = self.runner.trigger(target)
+
+        if deployment.status == "running":
+            message = f"Deployment started for {target}"
+        else:
+            message = f"Deployment of {target} {deployment.status}: {deployment.reason}"
+        resp.status = falcon.HTTP_202
+        resp.location = f"/api/admin/deploy/{deployment.id}"
+        resp.media = {
+            "id": deployment.id,
+            "status": deployment.status,
+            "message": message,
+            "target": target,
+            "started_at": deployment.summary()["started_at"],
+        }
+
+
+class DeploymentResource:
+    """``GET /api/admin/deploy/{id}``: a deployment with its output."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        resp.media = detail(self.runner, _find(self.runner, id))
+
+
+class Cancel:
+    """``POST /api/admin/deploy/{id}/cancel``: stop a running deployment."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        deployment = self.runner.cancel(_find(self.runner, id).id)
+        resp.media = detail(self.runner, deployment)
+
+
+class Log:
+    """``GET /api/admin/deploy/{id}/log``: the whole output as plain text."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        deployment = _find(self.runner, id)
+        offset = _int_param(req, "offset", 0, 0, 2**62)
+
+        path = buildlog.log_path(self.runner.state_dir, deployment.id)
+        resp.content_type = "text/plain; charset=utf-8"
+        resp.set_header("X-Log-Size", str(buildlog.size(path)))
+        resp.text = buildlog.read_from(path, offset).decode(errors="replace")
+
+
+class DeployList:
+    """``GET /api/admin/deploys``: the newest deployments, filtered and paged."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = _int_param(req, "limit", LIST_DEFAULT, 1, LIST_MAX)
+        status = req.get_param("status")
+        if status is not None and status not in STATUSES:
+            raise bad_request(
+                "bad_status", f"status must be one of {', '.join(STATUSES)}"
+            )
+        before = None
+        if (before_id := req.get_param("before")) is not None:
+            anchor = _lookup(self.runner, before_id)
+            if anchor is None:
+                raise bad_request(
+                    "bad_before", f"before: no deployment with id {before_id!r}"
+                )
+            before = anchor.seq
+
+        deployments = self.runner.store.list(
+            limit=limit, target=req.get_param("target"), status=status, before=before
+        )
+
+        resp.media = {"deploys": [d.summary() for d in deployments]}
+
+
+def _int_param(
+    req: falcon.Request, name: str, default: int, lowest: int, highest: int
+) -> int:
+    raw = req.get_param(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not lowest <= int(raw) <= highest:
+        raise bad_request(
+            f"bad_{name}", f"{name} must be a whole number from {lowest} to {highest}"
+        )
+    return int(raw)

@@ -1,0 +1,95 @@
+"""Build logs on disk: one append-only file per deployment.
+
+The build unit appends its output to the file; the daemon appends its own lines
+before the build starts and after it ends. Byte offsets into the file are stable,
+so readers can resume from where they stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+OUTPUT_LIMIT = 1024 * 1024
+STEP_MARK = "==> Step "
+_STEP_LINE = re.compile(rb"==> Step (\d+)/\d+: ")
+
+
+def log_path(state_dir: Path, deployment_id: str) -> Path:
+    return state_dir / "logs" / f"{deployment_id}.log"
+
+
+def result_path(state_dir: Path, deployment_id: str) -> Path:
+    return state_dir / "results" / deployment_id
+
+
+def append(path: Path, text: str) -> None:
+    """Add the daemon's own lines to a build log."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def tail(path: Path, deployment_id: str, limit: int = OUTPUT_LIMIT) -> str:
+    """The log as text, cut to its last ``limit`` bytes with a note saying so."""
+    try:
+        with open(path, "rb") as handle:
+            total = os.fstat(handle.fileno()).st_size
+            if total <= limit:
+                return handle.read().decode(errors="replace")
+            handle.seek(total - limit)
+            data = handle.read(limit)
+    except FileNotFoundError:
+        return ""
+    # Start at a line boundary so the first line shown is whole.
+    newline = data.find(b"\n")
+    if 0 <= newline < len(data) - 1:
+        data = data[newline + 1 :]
+    note = (
+        f"[output cut: the last {len(data)} of {total} bytes; the whole log is at "
+        f"GET /api/admin/deploy/{deployment_id}/log and {path}]\n"
+    )
+    return note + data.decode(errors="replace")
+
+
+def read_from(path: Path, offset: int) -> bytes:
+    """The bytes of the log from ``offset`` on (nothing when past the end)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read()
+    except FileNotFoundError:
+        return b""
+
+
+def chunks(path: Path, offset: int, size: int = 65536) -> Iterator[bytes]:
+    """The log from ``offset`` on, in pieces, for streaming a large file."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        while piece := handle.read(size):
+            yield piece
+
+
+def last_step(path: Path) -> int | None:
+    """The number of the last step the build started, from its marker lines."""
+    number = None
+    try:
+        with open(path, "rb") as handle:
+            for line in handle:
+                match = _STEP_LINE.match(line)
+                if match:
+                    number = int(match.group(1))
+    except FileNotFoundError:
+        return None
+    return number

@@ -1,0 +1,485 @@
+"""The deployment runner: each build a transient systemd unit, then the restart.
+
+A deployment goes through two phases. In ``build`` its steps run in a transient
+``Type=oneshot`` unit whose ``ExecStopPost`` writes the unit's result to a file,
+so the outcome survives a restart of the daemon. In ``restart`` the daemon
+restarts the target's service and checks its health. The end of a build is seen
+from systemd's signals, never by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dbus_next import Variant
+from dbus_next.errors import DBusError
+
+from ares_deployd import buildlog
+from ares_deployd.config import Config, Target, format_duration
+from ares_deployd.errors import DeploydError, bad_request, conflict, not_found
+from ares_deployd.store import CANCELLED, FAILED, SUCCESS, Busy, Deployment, Store
+from ares_deployd.systemd import SERVICE, UNIT, LoopThread, Systemd, unit_path
+
+log = logging.getLogger(__name__)
+
+# Runs one step: says which, runs it in a shell of its own, says how it ended.
+STEP_SCRIPT = """\
+printf '==> Step %s/%s: %s\\n' "$1" "$2" "$3"
+/bin/sh -c "$3"
+status=$?
+if [ "$status" -eq 0 ]; then
+    printf '==> Step %s/%s done\\n' "$1" "$2"
+else
+    printf '==> Step %s/%s exited with status %s\\n' "$1" "$2" "$status"
+fi
+exit "$status"
+"""
+
+# Records how the unit ended where the daemon can read it after its own restart.
+RESULT_SCRIPT = """\
+printf '%s %s %s\\n' "$SERVICE_RESULT" "$EXIT_CODE" "$EXIT_STATUS" > "$1.tmp"
+mv "$1.tmp" "$1"
+"""
+
+RESTART_JOB_TIMEOUT = 120.0
+# How often a build in progress is checked for having vanished unseen.
+SAFETY_CHECK = 30.0
+
+# Exit statuses systemd itself uses when it cannot set up a step.
+SETUP_FAILURES = {
+    200: "the working directory {target.working_directory} cannot be entered",
+    216: "the group {target.group} does not exist",
+    217: "the user {target.user} does not exist",
+    203: "/bin/sh cannot be executed",
+}
+
+
+def unit_for(target: str, deployment_id: str) -> str:
+    return f"ares-deploy-{target}-{deployment_id}.service"
+
+
+def build_properties(
+    target: Target, deployment_id: str, state_dir: Path
+) -> list[tuple[str, Variant]]:
+    """The properties of the transient unit that runs a target's steps."""
+    output = str(buildlog.log_path(state_dir, deployment_id))
+    total = str(len(target.steps))
+    steps = [
+        ("/bin/sh", ["/bin/sh", "-c", STEP_SCRIPT, "step", str(n), total, step],
+         ["no-env-expand"])
+        for n, step in enumerate(target.steps, start=1)
+    ]  # fmt: skip
+    result = str(buildlog.result_path(state_dir, deployment_id))
+    stop_post = [
+        ("/bin/sh", ["/bin/sh", "-c", RESULT_SCRIPT, "result", result],
+         ["privileged", "no-env-expand"])
+    ]  # fmt: skip
+    environment = {
+        **target.environment,
+        "DEPLOY_ID": deployment_id,
+        "DEPLOY_TARGET": target.name,
+    }
+    properties = [
+        ("Description", Variant("s", f"ares-deployd: deploy {target.name}")),
+        ("Type", Variant("s", "oneshot")),
+        ("ExecStartEx", Variant("a(sasas)", steps)),
+        ("ExecStopPostEx", Variant("a(sasas)", stop_post)),
+        ("User", Variant("s", target.user)),
+        ("WorkingDirectory", Variant("s", str(target.working_directory))),
+        ("Environment", Variant("as", [f"{k}={v}" for k, v in environment.items()])),
+        ("StandardInput", Variant("s", "null")),
+        ("StandardOutputFileToAppend", Variant("s", output)),
+        ("StandardErrorFileToAppend", Variant("s", output)),
+        ("KillMode", Variant("s", "control-group")),
+        ("CollectMode", Variant("s", "inactive-or-failed")),
+        ("NoNewPrivileges", Variant("b", True)),
+        ("PrivateTmp", Variant("b", True)),
+    ]
+    if target.group:
+        properties.append(("Group", Variant("s", target.group)))
+    if target.timeout:
+        properties.append(("RuntimeMaxUSec", Variant("t", target.timeout * 1_000_000)))
+    return properties
+
+
+@dataclass
+class BuildResult:
+    service_result: str
+    exit_code: str
+    exit_status: str
+
+    @classmethod
+    def read(cls, path: Path) -> BuildResult | None:
+        try:
+            fields = path.read_text().split()
+        except FileNotFoundError:
+            return None
+        fields += [""] * (3 - len(fields))
+        return cls(*fields[:3])
+
+
+class Failure(Exception):
+    """A deployment has failed; the message is its one-line reason."""
+
+    def __init__(
+        self, reason: str, exit_status: int | None = None, step: int | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.exit_status = exit_status
+        self.step = step
+
+
+class Runner:
+    """Starts deployments, follows them to their end and records the outcome."""
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        store: Store,
+        systemd: Systemd,
+        loop: LoopThread,
+    ) -> None:
+        self._config = config
+        self.store = store
+        self.systemd = systemd
+        self.loop = loop
+        self._ends: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.listeners: list[Callable[[Deployment], None]] = []
+        systemd.on_properties(self._on_properties)
+        systemd.on_unit_removed(self._on_removed)
+
+    @property
+    def state_dir(self) -> Path:
+        return self._config().server.state_dir
+
+    def prepare(self) -> None:
+        for sub in ("logs", "results"):
+            (self.state_dir / sub).mkdir(mode=0o750, parents=True, exist_ok=True)
+
+    # Called from HTTP threads.
+
+    def trigger(self, target_name: str) -> Deployment:
+        """Record and start a deployment of ``target_name``.
+
+        Raises:
+            DeploydError: ``unknown_target`` (400) or ``target_busy`` (409).
+        """
+        config = self._config()
+        target = config.targets.get(target_name)
+        if target is None:
+            known = ", ".join(sorted(config.targets)) or "none configured"
+            raise bad_request(
+                "unknown_target", f"No target named {target_name!r} (known: {known})"
+            )
+
+        deployment_id = str(uuid.uuid4())
+        try:
+            deployment = self.store.create(
+                deployment_id, target.name, unit_for(target.name, deployment_id)
+            )
+        except Busy as busy:
+            raise conflict(
+                "target_busy",
+                f"{target.name} is being deployed already (deployment "
+                f"{busy.running.id})",
+                id=busy.running.id,
+            ) from None
+        self.loop.run(self._start(deployment, target), timeout=30)
+        return self.store.get(deployment_id) or deployment
+
+    def cancel(self, deployment_id: str) -> Deployment:
+        """Stop a running deployment; it ends ``cancelled``.
+
+        Raises:
+            DeploydError: ``not_found`` (404) or ``not_running`` (409).
+        """
+        deployment = self.store.get(deployment_id)
+        if deployment is None:
+            raise not_found("not_found", f"No deployment with id {deployment_id}")
+        if deployment.status != "running":
+            raise conflict(
+                "not_running",
+                f"Deployment {deployment_id} has ended already ({deployment.status})",
+            )
+        self.store.update(deployment_id, cancel_requested=1)
+        self.loop.run(self._cancel(deployment), timeout=30)
+        return self.store.get(deployment_id) or deployment
+
+    # On the loop.
+
+    def _on_properties(self, path: str, interface: str, changed: dict) -> None:
+        if interface == UNIT and changed.get("ActiveState") in ("inactive", "failed"):
+            event = self._ends.get(path)
+            if event is not None:
+                event.set()
+
+    def _on_removed(self, path: str) -> None:
+        event = self._ends.get(path)
+        if event is not None:
+            event.set()
+
+    async def _start(self, deployment: Deployment, target: Target) -> None:
+        output = buildlog.log_path(self.state_dir, deployment.id)
+        buildlog.append(
+            output,
+            f"==> Deploying {target.name} ({len(target.steps)} steps), "
+            f"deployment {deployment.id}\n",
+        )
+        path = unit_path(deployment.unit)
+        # Listen before starting: a quick build can end before the call returns.
+        self._ends[path] = asyncio.Event()
+        try:
+            await self.systemd.start_transient(
+                deployment.unit, build_properties(target, deployment.id, self.state_dir)
+            )
+        except (DBusError, DeploydError) as error:
+            self._ends.pop(path, None)
+            text = getattr(error, "text", None) or str(error)
+            await self._finish(
+                deployment, FAILED, f"could not start the build unit: {text}"
+            )
+            return
+        log.info(
+            "deployment %s of %s started in %s",
+            deployment.id,
+            target.name,
+            deployment.unit,
+        )
+        self._spawn(deployment, self._follow(deployment, target))
+
+    def _spawn(self, deployment: Deployment, work: object) -> None:
+        task = asyncio.ensure_future(work)  # type: ignore[arg-type]
+        self._tasks[deployment.id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(deployment.id, None))
+
+    async def _cancel(self, deployment: Deployment) -> None:
+        current = self.store.get(deployment.id)
+        if current is None or current.status != "running":
+            return
+        if current.phase == "build":
+            try:
+                job = await self.systemd.unit_job("Stop", deployment.unit)
+                await self.systemd.wait_job(job, timeout=20)
+            except DBusError as error:
+                # The unit ended on its own meanwhile; the follower records it.
+                log.debug("stopping %s: %s", deployment.unit, error.text)
+            return
+        task = self._tasks.get(deployment.id)
+        if task is not None:
+            task.cancel()
+        else:
+            await self._finish(current, CANCELLED, "cancelled by request")
+
+    async def _wait_for_build(self, deployment: Deployment) -> BuildResult | None:
+        """Wait until the build unit has ended; what its ExecStopPost recorded."""
+        path = unit_path(deployment.unit)
+        event = self._ends.setdefault(path, asyncio.Event())
+        result_file = buildlog.result_path(self.state_dir, deployment.id)
+        try:
+            while True:
+                result = BuildResult.read(result_file)
+                if result is not None:
+                    return result
+                if not await self._unit_alive(deployment.unit):
+                    return BuildResult.read(result_file)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), SAFETY_CHECK)
+                event.clear()
+        finally:
+            self._ends.pop(path, None)
+
+    async def _unit_alive(self, unit: str) -> bool:
+        path = await self.systemd.loaded_path(unit)
+        if path is None:
+            return False
+        state = await self.systemd.get(path, UNIT, "ActiveState")
+        return state not in ("inactive", "failed")
+
+    async def _follow(self, deployment: Deployment, target: Target | None) -> None:
+        """Take a deployment from its build to its end, whatever happens."""
+        try:
+            if deployment.phase == "build":
+                result = await self._wait_for_build(deployment)
+                self._judge_build(deployment, target, result)
+                if target is None or target.restart is None:
+                    await self._finish(deployment, SUCCESS)
+                    return
+                self.store.update(deployment.id, phase="restart")
+            if target is None or target.restart is None:
+                raise Failure(f"the target {deployment.target} is no longer configured")
+            await self._restart(deployment, target)
+            await self._finish(deployment, SUCCESS)
+        except Failure as failure:
+            current = self.store.get(deployment.id)
+            if current is not None and current.cancel_requested:
+                await self._finish(deployment, CANCELLED, "cancelled by request")
+            else:
+                await self._finish(
+                    deployment,
+                    FAILED,
+                    failure.reason,
+                    exit_status=failure.exit_status,
+                    failed_step=failure.step,
+                )
+        except asyncio.CancelledError:
+            await self._finish(deployment, CANCELLED, "cancelled by request")
+        except Exception as error:
+            log.exception("deployment %s: unexpected error", deployment.id)
+            await self._finish(deployment, FAILED, f"internal error: {error}")
+
+    def _judge_build(
+        self, deployment: Deployment, target: Target | None, result: BuildResult | None
+    ) -> None:
+        """Raise :class:`Failure` unless the build unit succeeded."""
+        current = self.store.get(deployment.id)
+        if current is not None and current.cancel_requested:
+            raise Failure("cancelled by request")
+        if result is None:
+            raise Failure(
+                "the build unit ended and recorded no result (was it removed while "
+                "ares-deployd was not running?)"
+            )
+        if result.service_result == "success":
+            return
+
+        output = buildlog.log_path(self.state_dir, deployment.id)
+        step = buildlog.last_step(output)
+        status = int(result.exit_status) if result.exit_status.isdigit() else None
+        command = ""
+        if target is not None and step is not None and step <= len(target.steps):
+            command = f" `{target.steps[step - 1]}`"
+        where = f"step {step}{command}" if step else "the build"
+        if result.service_result == "timeout":
+            limit = format_duration(target.timeout) if target and target.timeout else ""
+            raise Failure(f"timed out after {limit}".strip(), None, step)
+        if result.exit_code == "exited" and status in SETUP_FAILURES and target:
+            raise Failure(SETUP_FAILURES[status].format(target=target), status, step)
+        if result.exit_code == "exited":
+            raise Failure(f"{where} exited with status {status}", status, step)
+        if result.exit_code in ("killed", "dumped"):
+            raise Failure(
+                f"{where} was killed by signal {result.exit_status}", None, step
+            )
+        raise Failure(f"the build unit failed ({result.service_result})", None, step)
+
+    async def _restart(self, deployment: Deployment, target: Target) -> None:
+        unit = target.restart
+        assert unit is not None
+        output = buildlog.log_path(self.state_dir, deployment.id)
+        buildlog.append(output, f"Restarting {unit}...\n")
+        path = unit_path(unit)
+        before = await self._invocation(unit)
+        try:
+            job = await self.systemd.unit_job("Restart", unit)
+        except DBusError as error:
+            raise Failure(f"{unit} could not be restarted: {error.text}") from None
+        try:
+            outcome = await self.systemd.wait_job(job, RESTART_JOB_TIMEOUT)
+        except TimeoutError:
+            raise Failure(f"{unit} did not restart within 2m") from None
+        state = await self.systemd.get(path, UNIT, "ActiveState")
+        if outcome != "done" or state != "active":
+            raise Failure(f"{unit} did not become active (job {outcome}, {state})")
+        if await self._invocation(unit) == before:
+            raise Failure(f"{unit} was not restarted (same invocation)")
+        pid = await self.systemd.get(path, SERVICE, "MainPID")
+        buildlog.append(output, f"{unit} is active (PID {pid}).\n")
+
+        if target.health_url:
+            self.store.update(deployment.id, phase="health")
+            buildlog.append(output, f"Checking {target.health_url}...\n")
+            await self._check_health(target.health_url, target.health_timeout)
+        buildlog.append(output, "Service started successfully.\n")
+
+    async def _invocation(self, unit: str) -> bytes | None:
+        path = await self.systemd.loaded_path(unit)
+        if path is None:
+            return None
+        value = await self.systemd.get(path, UNIT, "InvocationID")
+        return bytes(value)
+
+    async def _check_health(self, url: str, bound: int) -> None:
+        deadline = time.monotonic() + bound
+        last = "no answer"
+        while True:
+            status, last = await asyncio.to_thread(probe, url)
+            if status is not None and 200 <= status < 300:
+                return
+            if time.monotonic() >= deadline:
+                raise Failure(f"health check {url} {last}")
+            await asyncio.sleep(0.5)
+
+    async def _finish(
+        self,
+        deployment: Deployment,
+        status: str,
+        reason: str | None = None,
+        exit_status: int | None = None,
+        failed_step: int | None = None,
+    ) -> None:
+        output = buildlog.log_path(self.state_dir, deployment.id)
+        if status == SUCCESS:
+            buildlog.append(output, "==> Deployment succeeded\n")
+        else:
+            buildlog.append(output, f"==> Deployment {status}: {reason}\n")
+        if not self.store.finish(
+            deployment.id, status, reason, exit_status, failed_step
+        ):
+            return
+        finished = self.store.get(deployment.id)
+        duration = (finished.finished or time.time()) - deployment.started
+        level = logging.INFO if status == SUCCESS else logging.WARNING
+        log.log(
+            level,
+            "deployment %s of %s ended: %s in %.1fs%s",
+            deployment.id,
+            deployment.target,
+            status,
+            duration,
+            f" ({reason})" if reason else "",
+        )
+        buildlog.result_path(self.state_dir, deployment.id).unlink(missing_ok=True)
+        for pruned in self.store.prune(self._config().server.history):
+            buildlog.log_path(self.state_dir, pruned).unlink(missing_ok=True)
+        if finished is not None:
+            for listener in self.listeners:
+                listener(finished)
+
+    async def reattach(self) -> int:
+        """Follow the deployments a previous run left running; how many there were."""
+        running = self.store.running()
+        for deployment in running:
+            target = self._config().targets.get(deployment.target)
+            log.info(
+                "re-attaching to deployment %s of %s (%s)",
+                deployment.id,
+                deployment.target,
+                deployment.phase,
+            )
+            if deployment.phase == "health":
+                deployment.phase = "restart"
+            self._spawn(deployment, self._follow(deployment, target))
+        return len(running)
+
+
+def probe(url: str, timeout: float = 5.0) -> tuple[int | None, str]:
+    """GET ``url``: its status code and how to describe the answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, f"answered {response.status}"
+    except urllib.error.HTTPError as error:
+        return error.code, f"answered {error.code}"
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        return None, f"failed: {reason}"

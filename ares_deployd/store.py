@@ -1,0 +1,248 @@
+"""Deployment history in SQLite, under the state directory.
+
+Every change of state is one committed transaction before anyone is told of it.
+A partial unique index allows one running deployment per target, so two requests
+racing for the same target cannot both win.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RUNNING = "running"
+SUCCESS = "success"
+FAILED = "failed"
+CANCELLED = "cancelled"
+STATUSES = (RUNNING, SUCCESS, FAILED, CANCELLED)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deployments (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    target TEXT NOT NULL,
+    status TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    started REAL NOT NULL,
+    finished REAL,
+    phase TEXT NOT NULL DEFAULT 'build',
+    reason TEXT,
+    exit_status INTEGER,
+    failed_step INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_running_per_target
+    ON deployments (target) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS by_target ON deployments (target, seq);
+CREATE INDEX IF NOT EXISTS by_status ON deployments (status, seq);
+"""
+
+
+def rfc3339(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Deployment:
+    seq: int
+    id: str
+    target: str
+    status: str
+    unit: str
+    started: float
+    finished: float | None
+    phase: str
+    reason: str | None
+    exit_status: int | None
+    failed_step: int | None
+    cancel_requested: int
+
+    def summary(self) -> dict[str, Any]:
+        """The fields every listing shows, as the API names them."""
+        return {
+            "id": self.id,
+            "target": self.target,
+            "status": self.status,
+            "started_at": rfc3339(self.started),
+            "finished_at": rfc3339(self.finished),
+            "reason": self.reason,
+            "exit_status": self.exit_status,
+        }
+
+
+COLUMNS = ", ".join(field.name for field in fields(Deployment))
+
+
+class Busy(Exception):
+    """The target already has a running deployment, ``running``."""
+
+    def __init__(self, running: Deployment) -> None:
+        super().__init__(running.id)
+        self.running = running
+
+
+class Store:
+    """The history database; safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(
+            path, check_same_thread=False, isolation_level=None, timeout=10
+        )
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, args: tuple[Any, ...]) -> Deployment | None:
+        with self._lock:
+            row = self._db.execute(sql, args).fetchone()
+        return Deployment(**row) if row else None
+
+    def create(self, deployment_id: str, target: str, unit: str) -> Deployment:
+        """Record a new running deployment.
+
+        Raises:
+            Busy: the target has a running deployment already.
+        """
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO deployments (id, target, status, unit, started)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (deployment_id, target, RUNNING, unit, time.time()),
+                )
+        except sqlite3.IntegrityError:
+            running = self.running_for(target)
+            if running is None:
+                raise
+            raise Busy(running) from None
+        created = self.get(deployment_id)
+        assert created is not None
+        return created
+
+    def get(self, deployment_id: str) -> Deployment | None:
+        return self._one(
+            f"SELECT {COLUMNS} FROM deployments WHERE id = ?", (deployment_id,)
+        )
+
+    def running_for(self, target: str) -> Deployment | None:
+        return self._one(
+            f"SELECT {COLUMNS} FROM deployments WHERE target = ? AND status = ?",
+            (target, RUNNING),
+        )
+
+    def running(self) -> list[Deployment]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {COLUMNS} FROM deployments WHERE status = ? ORDER BY seq",
+                (RUNNING,),
+            ).fetchall()
+        return [Deployment(**row) for row in rows]
+
+    def latest(self) -> Deployment | None:
+        return self._one(
+            f"SELECT {COLUMNS} FROM deployments ORDER BY seq DESC LIMIT 1", ()
+        )
+
+    def list(
+        self,
+        *,
+        limit: int = 20,
+        target: str | None = None,
+        status: str | None = None,
+        before: int | None = None,
+    ) -> list[Deployment]:
+        """The newest deployments first, filtered; ``before`` is a ``seq``."""
+        where, args = [], []
+        for column, value in (("target", target), ("status", status)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if before is not None:
+            where.append("seq < ?")
+            args.append(before)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {COLUMNS} FROM deployments {clause} ORDER BY seq DESC LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+        return [Deployment(**row) for row in rows]
+
+    def update(self, deployment_id: str, **changes: Any) -> None:
+        """Change fields of a running deployment (phase, cancel request, ...)."""
+        columns = ", ".join(f"{column} = ?" for column in changes)
+        with self._transaction() as db:
+            db.execute(
+                f"UPDATE deployments SET {columns} WHERE id = ?",
+                (*changes.values(), deployment_id),
+            )
+
+    def finish(
+        self,
+        deployment_id: str,
+        status: str,
+        reason: str | None = None,
+        exit_status: int | None = None,
+        failed_step: int | None = None,
+    ) -> bool:
+        """End a running deployment; False when it had ended already."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE deployments SET status = ?, finished = ?, reason = ?,"
+                " exit_status = ?, failed_step = ?, phase = 'done'"
+                " WHERE id = ? AND status = ?",
+                (
+                    status,
+                    time.time(),
+                    reason,
+                    exit_status,
+                    failed_step,
+                    deployment_id,
+                    RUNNING,
+                ),
+            )
+        return cursor.rowcount == 1
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete finished deployments beyond the newest ``keep``; their ids."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id FROM deployments WHERE status != ? AND seq <= ("
+                " SELECT seq FROM deployments ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (RUNNING, keep),
+            ).fetchall()
+            ids = [row["id"] for row in rows]
+            db.executemany("DELETE FROM deployments WHERE id = ?", [(i,) for i in ids])
+        return ids
