@@ -74,14 +74,14 @@ def build_properties(
     output = str(buildlog.log_path(state_dir, deployment_id))
     total = str(len(target.steps))
     steps = [
-        ("/bin/sh", ["/bin/sh", "-c", STEP_SCRIPT, "step", str(n), total, step],
-         ["no-env-expand"])
+        ["/bin/sh", ["/bin/sh", "-c", STEP_SCRIPT, "step", str(n), total, step],
+         ["no-env-expand"]]
         for n, step in enumerate(target.steps, start=1)
     ]  # fmt: skip
     result = str(buildlog.result_path(state_dir, deployment_id))
     stop_post = [
-        ("/bin/sh", ["/bin/sh", "-c", RESULT_SCRIPT, "result", result],
-         ["privileged", "no-env-expand"])
+        ["/bin/sh", ["/bin/sh", "-c", RESULT_SCRIPT, "result", result],
+         ["privileged", "no-env-expand"]]
     ]  # fmt: skip
     environment = {
         **target.environment,
@@ -243,8 +243,10 @@ class Runner:
             await self.systemd.start_transient(
                 deployment.unit, build_properties(target, deployment.id, self.state_dir)
             )
-        except (DBusError, DeploydError) as error:
+        except Exception as error:
             self._ends.pop(path, None)
+            if not isinstance(error, (DBusError, DeploydError)):
+                log.exception("deployment %s: cannot start its unit", deployment.id)
             text = getattr(error, "text", None) or str(error)
             await self._finish(
                 deployment, FAILED, f"could not start the build unit: {text}"

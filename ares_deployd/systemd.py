@@ -238,7 +238,7 @@ class Systemd:
         (job,) = await self.manager(
             "StartTransientUnit",
             "ssa(sv)a(sa(sv))",
-            [name, "fail", properties, []],
+            [name, "fail", [list(pair) for pair in properties], []],
         )
         return job
 
