@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import urllib.error
@@ -107,7 +108,10 @@ def build_properties(
     if target.group:
         properties.append(("Group", Variant("s", target.group)))
     if target.timeout:
-        properties.append(("RuntimeMaxUSec", Variant("t", target.timeout * 1_000_000)))
+        # A oneshot unit's whole run is its start: RuntimeMaxSec= does not bound
+        # it, TimeoutStartSec= does. Both are set so that either reading holds.
+        limit = Variant("t", target.timeout * 1_000_000)
+        properties += [("TimeoutStartUSec", limit), ("RuntimeMaxUSec", limit)]
     return properties
 
 
@@ -125,6 +129,46 @@ class BuildResult:
             return None
         fields += [""] * (3 - len(fields))
         return cls(*fields[:3])
+
+
+# MESSAGE_ID of systemd's "Deactivated successfully" line.
+DEACTIVATED_OK = "7ad2d189f7e94e70a38c781354912448"
+
+
+async def journal_result(unit: str, attempts: int = 5) -> BuildResult | None:
+    """How a unit ended, from systemd's own journal lines about it.
+
+    The fallback for units whose ExecStopPost never ran (a user that does not
+    exist fails every command of the unit, that one included).
+    """
+    for attempt in range(attempts):
+        if attempt:
+            # journald may not have written PID 1's last lines yet.
+            await asyncio.sleep(0.2)
+        process = await asyncio.create_subprocess_exec(
+            "journalctl", "--no-pager", "-o", "json", "_PID=1", f"UNIT={unit}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            continue
+        result = BuildResult("", "", "")
+        for line in out.splitlines():
+            entry = json.loads(line)
+            if "EXIT_CODE" in entry:
+                result.exit_code = str(entry["EXIT_CODE"])
+                result.exit_status = str(entry.get("EXIT_STATUS", ""))
+            if "UNIT_RESULT" in entry:
+                result.service_result = str(entry["UNIT_RESULT"])
+            elif entry.get("MESSAGE_ID") == DEACTIVATED_OK:
+                result.service_result = "success"
+        if result.service_result:
+            return result
+    return None
 
 
 class Failure(Exception):
@@ -294,7 +338,9 @@ class Runner:
                 if result is not None:
                     return result
                 if not await self._unit_alive(deployment.unit):
-                    return BuildResult.read(result_file)
+                    return BuildResult.read(result_file) or await journal_result(
+                        deployment.unit
+                    )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), SAFETY_CHECK)
                 event.clear()
