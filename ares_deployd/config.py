@@ -53,6 +53,8 @@ class Option:
     default: Any
     doc: str
     example: str = ""
+    # What the reference shows as the default, where the value alone would mislead.
+    shown_default: str = ""
 
 
 def _show(value: Any) -> str:
@@ -251,9 +253,9 @@ SERVER_OPTIONS = (
         "state_dir",
         absolute_path,
         None,
-        "Where history and build logs live. Default: $STATE_DIRECTORY, "
-        "else /var/lib/ares-deployd.",
+        "Where history and build logs live.",
         '"/var/lib/ares-deployd"',
+        "`$STATE_DIRECTORY`, else `/var/lib/ares-deployd`",
     ),
     Option(
         "history",
@@ -553,7 +555,9 @@ def reference_markdown() -> str:
         lines += [f"`[{table}]`", "", "| key | example | default | meaning |"]
         lines.append("|---|---|---|---|")
         for option in options:
-            if option.default is REQUIRED:
+            if option.shown_default:
+                default = option.shown_default
+            elif option.default is REQUIRED:
                 default = "required"
             elif option.default in (None, {}, ""):
                 default = "none"
