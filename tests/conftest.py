@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +29,9 @@ def sandbox() -> Iterator[Sandbox]:
 
         pytest.skip(f"cannot boot a sandbox: {reason}")
 
-    with Sandbox.boot() as booted:
+    # The daemon inside runs from this checkout and its virtual environment.
+    checkout = Path(__file__).resolve().parents[1]
+    with Sandbox.boot(share=[checkout, sys.prefix]) as booted:
         yield booted
 
 

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from types import TracebackType
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,10 @@ _ENTER_CGROUP = 'echo 0 > "$1/cgroup.procs" && shift && exec unshare --cgroup --
 # no time sync, and its shutdown leaves the host's mounts and swap alone.
 _BOOT = r"""
 set -eu
-machine_id=$1 systemd=$2
-# Any directory does as a mount point: mounts of this namespace are private.
-stage=/tmp
+machine_id=$1 systemd=$2 stage=$3
+shift 3
+# $stage is any directory that holds none of the shared paths: the mounts of
+# this namespace are private, so covering it hides it only here.
 
 mount --make-rprivate /
 mount -t tmpfs -o mode=0700 ares-sandbox "$stage"
@@ -87,6 +89,15 @@ ln -s /proc/self/fd/2 "$root/dev/stderr"
 mount -t tmpfs -o mode=0755,nosuid,nodev run "$root/run"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmp "$root/tmp"
 
+# Shared host paths (the checkout and its virtual environment), read-only at
+# the same place inside; the overlay alone would miss them under a fresh /tmp
+# or on another filesystem.
+for path in "$@"; do
+    mkdir -p "$root$path"
+    mount --bind "$path" "$root$path"
+    mount -o remount,bind,ro "$root$path"
+done
+
 # systemd prints its status to /dev/console; keep it readable from the host
 # instead of letting it reach the host's console.
 mkdir "$root/run/ares-sandbox"
@@ -116,6 +127,15 @@ exec setpriv --bounding-set -sys_module,-audit_control,-audit_read,-audit_write 
 
 class SandboxError(Exception):
     """A sandbox could not be booted, reached or run a command."""
+
+
+def _stage_for(shared: list[str]) -> str:
+    # The staging tmpfs covers its directory while booting: never a shared one's.
+    for stage in ("/tmp", "/mnt", "/media", "/var/tmp", "/srv"):
+        inside = any(path == stage or path.startswith(stage + "/") for path in shared)
+        if os.path.isdir(stage) and not inside:
+            return stage
+    raise SandboxError(f"no directory to stage a sandbox in, apart from {shared}")
 
 
 def _cgroup2_root() -> pathlib.Path | None:
@@ -176,11 +196,19 @@ class Sandbox:
         self._off = False
 
     @classmethod
-    def boot(cls, name: str | None = None, timeout: float = 60) -> Sandbox:
+    def boot(
+        cls,
+        name: str | None = None,
+        timeout: float = 60,
+        share: Sequence[str | os.PathLike[str]] = (),
+    ) -> Sandbox:
         """Boot a sandbox and wait until its systemd has finished starting up.
 
+        ``share`` names host directories seen read-only at the same path inside.
         Raises SandboxError, with what the failing step printed, if it does not.
         """
+        shared = sorted({str(pathlib.Path(path).resolve()) for path in share})
+        stage = _stage_for(shared)
         reason = can_boot()
         if reason is not None:
             raise SandboxError(f"cannot boot a sandbox: {reason}")
@@ -217,6 +245,8 @@ class Sandbox:
             "boot",
             uuid.uuid4().hex,
             SYSTEMD,
+            stage,
+            *shared,
         ]
         try:
             launcher = subprocess.Popen(
@@ -530,6 +560,13 @@ def main(argv: list[str] | None = None) -> int:
         "with `nsenter -t PID -a`. Runs until SIGINT or SIGTERM, then powers off.",
     )
     boot.add_argument("--name", help="sandbox and cgroup name (default: random)")
+    boot.add_argument(
+        "--share",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a host directory to see read-only at the same path inside (repeatable)",
+    )
     boot.add_argument("--timeout", type=float, default=60, help="seconds to boot")
     boot.add_argument("-v", "--verbose", action="store_true", help="log progress")
     args = parser.parse_args(argv)
@@ -542,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM while booting interrupts like SIGINT does, so boot cleans up.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        sandbox = Sandbox.boot(args.name, timeout=args.timeout)
+        sandbox = Sandbox.boot(args.name, timeout=args.timeout, share=args.share)
     except SandboxError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1

@@ -117,7 +117,7 @@ def main() -> int:
 
     print("Booting a throwaway systemd...", flush=True)
     try:
-        sandbox = Sandbox.boot()
+        sandbox = Sandbox.boot(share=[ROOT, sys.prefix])
     except SandboxError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1
