@@ -81,6 +81,35 @@ def chunks(path: Path, offset: int, size: int = 65536) -> Iterator[bytes]:
             yield piece
 
 
+REVISION_MARK = "==> Revision "
+# The markers stand first and last in a build's output; no need to read it all.
+_REVISION_WINDOW = 64 * 1024
+
+
+def revisions(path: Path) -> tuple[str | None, str | None]:
+    """The revisions the build printed before its first step and after its last."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_REVISION_WINDOW)
+            total = os.fstat(handle.fileno()).st_size
+            handle.seek(max(0, total - _REVISION_WINDOW))
+            end = handle.read()
+    except FileNotFoundError:
+        return None, None
+    before = after = None
+    for line in head.decode(errors="replace").splitlines():
+        if line.startswith(REVISION_MARK + "before: "):
+            before = line.split(": ", 1)[1].strip()
+            break
+    for line in end.decode(errors="replace").splitlines():
+        if line.startswith(REVISION_MARK + "after: "):
+            after = line.split(": ", 1)[1].strip()
+    return (
+        None if before in (None, "unknown") else before,
+        None if after in (None, "unknown") else after,
+    )
+
+
 def last_step(path: Path) -> int | None:
     """The number of the last step the build started, from its marker lines."""
     number = None

@@ -333,6 +333,23 @@ TARGET_OPTIONS = (
         "How long the health URL may take to answer 2xx after the restart.",
         '"30s"',
     ),
+    Option(
+        "revision",
+        text,
+        None,
+        "Command that prints the deployed revision, run in working_directory as "
+        "user before the first step and after the last.",
+        '"git rev-parse HEAD"',
+        "`git rev-parse HEAD` in a git checkout, else none",
+    ),
+    Option(
+        "rollback_on_failure",
+        boolean,
+        False,
+        "When the restart or the health check fails, deploy the last revision "
+        "that succeeded.",
+        "true",
+    ),
 )
 
 SERVICE_OPTIONS = (
@@ -382,6 +399,16 @@ class Target:
     restart: str | None
     health_url: str | None
     health_timeout: int
+    revision: str | None
+    rollback_on_failure: bool
+
+    def revision_command(self) -> str | None:
+        """The command that prints the revision, or None when none is known."""
+        if self.revision is not None:
+            return self.revision or None
+        if (self.working_directory / ".git").exists():
+            return "git rev-parse HEAD"
+        return None
 
 
 @dataclass(frozen=True)

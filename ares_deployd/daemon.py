@@ -125,6 +125,7 @@ class Daemon:
             "/api/admin/deploy": deploys.Deploy(self.runner),
             "/api/admin/deploy/{id}": deploys.DeploymentResource(self.runner),
             "/api/admin/deploy/{id}/cancel": deploys.Cancel(self.runner),
+            "/api/admin/deploy/{id}/rollback": deploys.Rollback(self.runner),
             "/api/admin/deploy/{id}/log": deploys.Log(self.runner),
             "/api/admin/deploys": deploys.DeployList(self.runner),
         }

@@ -51,6 +51,14 @@ printf '%s %s %s\\n' "$SERVICE_RESULT" "$EXIT_CODE" "$EXIT_STATUS" > "$1.tmp"
 mv "$1.tmp" "$1"
 """
 
+# Prints the revision a command reports, or "unknown"; never fails the build.
+REVISION_SCRIPT = """\
+revision=$(/bin/sh -c "$2" 2>/dev/null | head -n 1)
+printf '==> Revision %s: %s\\n' "$1" "${revision:-unknown}"
+"""
+
+REF_LIMIT = 200
+
 RESTART_JOB_TIMEOUT = 120.0
 # How often a build in progress is checked for having vanished unseen.
 SAFETY_CHECK = 30.0
@@ -68,31 +76,47 @@ def unit_for(target: str, deployment_id: str) -> str:
     return f"ares-deploy-{target}-{deployment_id}.service"
 
 
+def _shell(script: str, *args: str, flags: tuple[str, ...] = ()) -> list[object]:
+    """One ``ExecStartEx`` entry: ``script`` run by /bin/sh with ``args``.
+
+    ``no-env-expand`` leaves every ``$`` to the shell, as a step's author expects.
+    """
+    return ["/bin/sh", ["/bin/sh", "-c", script, *args], [*flags, "no-env-expand"]]
+
+
+def build_commands(target: Target) -> list[list[object]]:
+    """The unit's commands: each step, between the revision markers if any."""
+    total = str(len(target.steps))
+    commands = [
+        _shell(STEP_SCRIPT, "step", str(number), total, step)
+        for number, step in enumerate(target.steps, start=1)
+    ]
+    revision = target.revision_command()
+    if revision:
+        commands.insert(0, _shell(REVISION_SCRIPT, "revision", "before", revision))
+        commands.append(_shell(REVISION_SCRIPT, "revision", "after", revision))
+    return commands
+
+
 def build_properties(
-    target: Target, deployment_id: str, state_dir: Path
+    target: Target, deployment_id: str, state_dir: Path, ref: str | None = None
 ) -> list[tuple[str, Variant]]:
     """The properties of the transient unit that runs a target's steps."""
     output = str(buildlog.log_path(state_dir, deployment_id))
-    total = str(len(target.steps))
-    steps = [
-        ["/bin/sh", ["/bin/sh", "-c", STEP_SCRIPT, "step", str(n), total, step],
-         ["no-env-expand"]]
-        for n, step in enumerate(target.steps, start=1)
-    ]  # fmt: skip
     result = str(buildlog.result_path(state_dir, deployment_id))
-    stop_post = [
-        ["/bin/sh", ["/bin/sh", "-c", RESULT_SCRIPT, "result", result],
-         ["privileged", "no-env-expand"]]
-    ]  # fmt: skip
+    stop_post = [_shell(RESULT_SCRIPT, "result", result, flags=("privileged",))]
     environment = {
         **target.environment,
         "DEPLOY_ID": deployment_id,
         "DEPLOY_TARGET": target.name,
     }
+    if ref is not None:
+        # The ref reaches the steps as data in the environment, never as a command.
+        environment["DEPLOY_REF"] = ref
     properties = [
         ("Description", Variant("s", f"ares-deployd: deploy {target.name}")),
         ("Type", Variant("s", "oneshot")),
-        ("ExecStartEx", Variant("a(sasas)", steps)),
+        ("ExecStartEx", Variant("a(sasas)", build_commands(target))),
         ("ExecStopPostEx", Variant("a(sasas)", stop_post)),
         ("User", Variant("s", target.user)),
         ("WorkingDirectory", Variant("s", str(target.working_directory))),
@@ -213,12 +237,20 @@ class Runner:
 
     # Called from HTTP threads.
 
-    def trigger(self, target_name: str) -> Deployment:
-        """Record and start a deployment of ``target_name``.
+    def trigger(
+        self,
+        target_name: str,
+        ref: str | None = None,
+        rollback_of: str | None = None,
+    ) -> Deployment:
+        """Record and start a deployment of ``target_name``, at ``ref`` if given.
 
         Raises:
-            DeploydError: ``unknown_target`` (400) or ``target_busy`` (409).
+            DeploydError: ``unknown_target`` or ``bad_ref`` (400), ``target_busy``
+                (409).
         """
+        if ref is not None:
+            check_ref(ref)
         config = self._config()
         target = config.targets.get(target_name)
         if target is None:
@@ -230,7 +262,11 @@ class Runner:
         deployment_id = str(uuid.uuid4())
         try:
             deployment = self.store.create(
-                deployment_id, target.name, unit_for(target.name, deployment_id)
+                deployment_id,
+                target.name,
+                unit_for(target.name, deployment_id),
+                ref=ref,
+                rollback_of=rollback_of,
             )
         except Busy as busy:
             raise conflict(
@@ -241,6 +277,26 @@ class Runner:
             ) from None
         self.loop.run(self._start(deployment, target), timeout=30)
         return self.store.get(deployment_id) or deployment
+
+    def rollback(self, deployment_id: str) -> Deployment:
+        """Deploy again the revision that was live before ``deployment_id``.
+
+        Raises:
+            DeploydError: ``not_found`` (404), ``no_revision`` or ``target_busy``
+                (409).
+        """
+        deployment = self.store.get(deployment_id)
+        if deployment is None:
+            raise not_found("not_found", f"No deployment with id {deployment_id}")
+        if deployment.revision_before is None:
+            raise conflict(
+                "no_revision",
+                f"Deployment {deployment_id} recorded no revision before it ran, so "
+                "there is nothing to roll back to",
+            )
+        return self.trigger(
+            deployment.target, ref=deployment.revision_before, rollback_of=deployment.id
+        )
 
     def cancel(self, deployment_id: str) -> Deployment:
         """Stop a running deployment; it ends ``cancelled``.
@@ -285,7 +341,8 @@ class Runner:
         self._ends[path] = asyncio.Event()
         try:
             await self.systemd.start_transient(
-                deployment.unit, build_properties(target, deployment.id, self.state_dir)
+                deployment.unit,
+                build_properties(target, deployment.id, self.state_dir, deployment.ref),
             )
         except Exception as error:
             self._ends.pop(path, None)
@@ -359,6 +416,7 @@ class Runner:
         try:
             if deployment.phase == "build":
                 result = await self._wait_for_build(deployment)
+                self._record_revisions(deployment)
                 self._judge_build(deployment, target, result)
                 if target is None or target.restart is None:
                     await self._finish(deployment, SUCCESS)
@@ -372,19 +430,71 @@ class Runner:
             current = self.store.get(deployment.id)
             if current is not None and current.cancel_requested:
                 await self._finish(deployment, CANCELLED, "cancelled by request")
-            else:
-                await self._finish(
-                    deployment,
-                    FAILED,
-                    failure.reason,
-                    exit_status=failure.exit_status,
-                    failed_step=failure.step,
+                return
+            good = self._rollback_revision(current, target)
+            rollback_id = str(uuid.uuid4()) if good else None
+            if rollback_id:
+                buildlog.append(
+                    buildlog.log_path(self.state_dir, deployment.id),
+                    f"==> Rolling back to {good} in deployment {rollback_id}\n",
                 )
+            await self._finish(
+                deployment,
+                FAILED,
+                failure.reason,
+                exit_status=failure.exit_status,
+                failed_step=failure.step,
+                rolled_back_by=rollback_id,
+            )
+            if target is not None and good and rollback_id:
+                await self._start_rollback(deployment, target, good, rollback_id)
         except asyncio.CancelledError:
             await self._finish(deployment, CANCELLED, "cancelled by request")
         except Exception as error:
             log.exception("deployment %s: unexpected error", deployment.id)
             await self._finish(deployment, FAILED, f"internal error: {error}")
+
+    def _record_revisions(self, deployment: Deployment) -> None:
+        before, after = buildlog.revisions(
+            buildlog.log_path(self.state_dir, deployment.id)
+        )
+        if before or after:
+            self.store.update(deployment.id, revision_before=before, revision=after)
+
+    def _rollback_revision(
+        self, deployment: Deployment | None, target: Target | None
+    ) -> str | None:
+        """The revision to roll back to after this failure, or None for none."""
+        if deployment is None or target is None or not target.rollback_on_failure:
+            return None
+        if deployment.rollback_of is not None or deployment.phase == "build":
+            # Only a failed restart or health check is undone, and never a rollback.
+            return None
+        return self.store.last_good_revision(deployment.target, deployment.seq)
+
+    async def _start_rollback(
+        self, failed: Deployment, target: Target, revision: str, rollback_id: str
+    ) -> None:
+        try:
+            rollback = self.store.create(
+                rollback_id,
+                target.name,
+                unit_for(target.name, rollback_id),
+                ref=revision,
+                rollback_of=failed.id,
+            )
+        except Busy as busy:
+            log.warning(
+                "cannot roll back %s after deployment %s failed: %s started meanwhile",
+                target.name,
+                failed.id,
+                busy.running.id,
+            )
+            return
+        log.warning(
+            "rolling back %s to %s in deployment %s", target.name, revision, rollback_id
+        )
+        await self._start(rollback, target)
 
     def _judge_build(
         self, deployment: Deployment, target: Target | None, result: BuildResult | None
@@ -475,15 +585,17 @@ class Runner:
         reason: str | None = None,
         exit_status: int | None = None,
         failed_step: int | None = None,
+        rolled_back_by: str | None = None,
     ) -> None:
         output = buildlog.log_path(self.state_dir, deployment.id)
         if status == SUCCESS:
             buildlog.append(output, "==> Deployment succeeded\n")
         else:
             buildlog.append(output, f"==> Deployment {status}: {reason}\n")
-        if not self.store.finish(
-            deployment.id, status, reason, exit_status, failed_step
-        ):
+        ended = self.store.finish(
+            deployment.id, status, reason, exit_status, failed_step, rolled_back_by
+        )
+        if not ended:
             return
         finished = self.store.get(deployment.id)
         duration = (finished.finished or time.time()) - deployment.started
@@ -519,6 +631,22 @@ class Runner:
                 deployment.phase = "restart"
             self._spawn(deployment, self._follow(deployment, target))
         return len(running)
+
+
+def check_ref(ref: str) -> None:
+    """Refuse a ref that is empty, too long, or holds whitespace or control codes.
+
+    Raises:
+        DeploydError: ``bad_ref`` (400).
+    """
+    if not isinstance(ref, str) or not ref:
+        raise bad_request("bad_ref", '"ref" must be a non-empty string')
+    if len(ref) > REF_LIMIT:
+        raise bad_request("bad_ref", f'"ref" is longer than {REF_LIMIT} characters')
+    if not ref.isprintable() or any(char.isspace() for char in ref):
+        raise bad_request(
+            "bad_ref", '"ref" may not hold whitespace or control characters'
+        )
 
 
 def probe(url: str, timeout: float = 5.0) -> tuple[int | None, str]:

@@ -39,13 +39,29 @@ CREATE TABLE IF NOT EXISTS deployments (
     reason TEXT,
     exit_status INTEGER,
     failed_step INTEGER,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    ref TEXT,
+    revision_before TEXT,
+    revision TEXT,
+    rollback_of TEXT,
+    rolled_back_by TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_running_per_target
     ON deployments (target) WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS by_target ON deployments (target, seq);
 CREATE INDEX IF NOT EXISTS by_status ON deployments (status, seq);
 """
+
+# Columns added since the first schema, with their types; a database made before
+# them gains them on open.
+ADDED_COLUMNS = {
+    "ref": "TEXT",
+    "revision_before": "TEXT",
+    "revision": "TEXT",
+    "rollback_of": "TEXT",
+    "rolled_back_by": "TEXT",
+}
+INDEXES = "CREATE INDEX IF NOT EXISTS by_revision ON deployments (revision, seq);"
 
 
 def rfc3339(timestamp: float | None) -> str | None:
@@ -69,6 +85,11 @@ class Deployment:
     exit_status: int | None
     failed_step: int | None
     cancel_requested: int
+    ref: str | None
+    revision_before: str | None
+    revision: str | None
+    rollback_of: str | None
+    rolled_back_by: str | None
 
     def summary(self) -> dict[str, Any]:
         """The fields every listing shows, as the API names them."""
@@ -80,6 +101,11 @@ class Deployment:
             "finished_at": rfc3339(self.finished),
             "reason": self.reason,
             "exit_status": self.exit_status,
+            "ref": self.ref,
+            "revision_before": self.revision_before,
+            "revision": self.revision,
+            "rollback_of": self.rollback_of,
+            "rolled_back_by": self.rolled_back_by,
         }
 
 
@@ -108,6 +134,16 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            present = {
+                row["name"]
+                for row in self._db.execute("PRAGMA table_info(deployments)")
+            }
+            for column, kind in ADDED_COLUMNS.items():
+                if column not in present:
+                    self._db.execute(
+                        f"ALTER TABLE deployments ADD COLUMN {column} {kind}"
+                    )
+            self._db.executescript(INDEXES)
 
     def close(self) -> None:
         with self._lock:
@@ -129,7 +165,14 @@ class Store:
             row = self._db.execute(sql, args).fetchone()
         return Deployment(**row) if row else None
 
-    def create(self, deployment_id: str, target: str, unit: str) -> Deployment:
+    def create(
+        self,
+        deployment_id: str,
+        target: str,
+        unit: str,
+        ref: str | None = None,
+        rollback_of: str | None = None,
+    ) -> Deployment:
         """Record a new running deployment.
 
         Raises:
@@ -138,9 +181,18 @@ class Store:
         try:
             with self._transaction() as db:
                 db.execute(
-                    "INSERT INTO deployments (id, target, status, unit, started)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (deployment_id, target, RUNNING, unit, time.time()),
+                    "INSERT INTO deployments"
+                    " (id, target, status, unit, started, ref, rollback_of)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        deployment_id,
+                        target,
+                        RUNNING,
+                        unit,
+                        time.time(),
+                        ref,
+                        rollback_of,
+                    ),
                 )
         except sqlite3.IntegrityError:
             running = self.running_for(target)
@@ -181,11 +233,13 @@ class Store:
         limit: int = 20,
         target: str | None = None,
         status: str | None = None,
+        revision: str | None = None,
         before: int | None = None,
     ) -> list[Deployment]:
         """The newest deployments first, filtered; ``before`` is a ``seq``."""
         where, args = [], []
-        for column, value in (("target", target), ("status", status)):
+        filters = (("target", target), ("status", status), ("revision", revision))
+        for column, value in filters:
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
@@ -216,24 +270,37 @@ class Store:
         reason: str | None = None,
         exit_status: int | None = None,
         failed_step: int | None = None,
+        rolled_back_by: str | None = None,
     ) -> bool:
         """End a running deployment; False when it had ended already."""
         with self._transaction() as db:
             cursor = db.execute(
                 "UPDATE deployments SET status = ?, finished = ?, reason = ?,"
-                " exit_status = ?, failed_step = ?, phase = 'done'"
-                " WHERE id = ? AND status = ?",
+                " exit_status = ?, failed_step = ?, rolled_back_by = ?,"
+                " phase = 'done' WHERE id = ? AND status = ?",
                 (
                     status,
                     time.time(),
                     reason,
                     exit_status,
                     failed_step,
+                    rolled_back_by,
                     deployment_id,
                     RUNNING,
                 ),
             )
         return cursor.rowcount == 1
+
+    def last_good_revision(self, target: str, before: int) -> str | None:
+        """The revision of the newest successful deployment of ``target`` that
+        came before the deployment with ``seq`` ``before``."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT revision FROM deployments WHERE target = ? AND status = ?"
+                " AND revision IS NOT NULL AND seq < ? ORDER BY seq DESC LIMIT 1",
+                (target, SUCCESS, before),
+            ).fetchone()
+        return row["revision"] if row else None
 
     def prune(self, keep: int) -> list[str]:
         """Delete finished deployments beyond the newest ``keep``; their ids."""

@@ -58,8 +58,11 @@ class Deploy:
             raise bad_request("missing_target", 'The body needs a "target"')
         if not isinstance(target, str):
             raise bad_request("bad_target", '"target" must be a string')
+        ref = body.get("ref")
+        if ref is not None and not isinstance(ref, str):
+            raise bad_request("bad_ref", '"ref" must be a string')
 
-        deployment = self.runner.trigger(target)
+        deployment = self.runner.trigger(target, ref=ref)
 
         if deployment.status == "running":
             message = f"Deployment started for {target}"
@@ -67,13 +70,20 @@ class Deploy:
             message = f"Deployment of {target} {deployment.status}: {deployment.reason}"
         resp.status = falcon.HTTP_202
         resp.location = f"/api/admin/deploy/{deployment.id}"
-        resp.media = {
-            "id": deployment.id,
-            "status": deployment.status,
-            "message": message,
-            "target": target,
-            "started_at": deployment.summary()["started_at"],
-        }
+        resp.media = started(deployment, message)
+
+
+def started(deployment: Deployment, message: str) -> dict[str, Any]:
+    """The answer to a request that started a deployment."""
+    return {
+        "id": deployment.id,
+        "status": deployment.status,
+        "message": message,
+        "target": deployment.target,
+        "ref": deployment.ref,
+        "rollback_of": deployment.rollback_of,
+        "started_at": deployment.summary()["started_at"],
+    }
 
 
 class DeploymentResource:
@@ -95,6 +105,25 @@ class Cancel:
     def on_post(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
         deployment = self.runner.cancel(_find(self.runner, id).id)
         resp.media = detail(self.runner, deployment)
+
+
+class Rollback:
+    """``POST /api/admin/deploy/{id}/rollback``: deploy the revision live before."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        failed = _find(self.runner, id)
+
+        deployment = self.runner.rollback(failed.id)
+
+        resp.status = falcon.HTTP_202
+        resp.location = f"/api/admin/deploy/{deployment.id}"
+        resp.media = started(
+            deployment,
+            f"Rollback of {deployment.target} to {deployment.ref} started",
+        )
 
 
 class Log:
@@ -136,7 +165,11 @@ class DeployList:
             before = anchor.seq
 
         deployments = self.runner.store.list(
-            limit=limit, target=req.get_param("target"), status=status, before=before
+            limit=limit,
+            target=req.get_param("target"),
+            status=status,
+            revision=req.get_param("revision"),
+            before=before,
         )
 
         resp.media = {"deploys": [d.summary() for d in deployments]}

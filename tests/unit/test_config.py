@@ -37,10 +37,9 @@ def test_example_config_loads() -> None:
     assert set(loaded.targets) == {"ares", "admin", "eruka"}
     assert set(loaded.services) == {"ares", "eruka", "admin"}
     assert loaded.targets["ares"].timeout == 30 * 60
-    assert loaded.targets["ares"].steps == (
-        "git pull --ff-only",
-        "cargo build --release",
-    )
+    assert loaded.targets["ares"].steps[1] == "cargo build --release"
+    assert "DEPLOY_REF" in loaded.targets["ares"].steps[0]
+    assert loaded.targets["ares"].rollback_on_failure is True
     assert loaded.services["ares"].port == 3000
     assert str(loaded.server.listen) == "127.0.0.1:3001"
 
