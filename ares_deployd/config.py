@@ -233,6 +233,35 @@ def boolean(value: Any) -> bool:
     return value
 
 
+def optional_listen(value: Any) -> Listen | None:
+    return None if value == "" else listen(value)
+
+
+def names(value: Any) -> tuple[str, ...]:
+    _expect(value, list, "a list of names")
+    for item in value:
+        if not isinstance(item, str) or not _ENTRY_NAME.fullmatch(item):
+            raise Invalid(f"{_show(item)} is not a name")
+    return tuple(value)
+
+
+EVENTS = ("started", "succeeded", "failed", "cancelled", "rolled_back")
+
+
+def events(value: Any) -> tuple[str, ...]:
+    _expect(value, list, "a list of event names")
+    for item in value:
+        if item not in EVENTS:
+            raise Invalid(f"{_show(item)} is not an event (known: {', '.join(EVENTS)})")
+    return tuple(value)
+
+
+def notify_format(value: Any) -> str:
+    if value not in ("json", "slack"):
+        raise Invalid(f'{_show(value)} is not a format (try "json" or "slack")')
+    return value
+
+
 SERVER_OPTIONS = (
     Option(
         "listen",
@@ -270,6 +299,14 @@ SERVER_OPTIONS = (
         10,
         "How often the health URLs of services are checked.",
         '"10s"',
+    ),
+    Option(
+        "metrics_listen",
+        optional_listen,
+        None,
+        "Address of the Prometheus metrics listener, which needs no secret; keep "
+        "it on loopback. Off when omitted.",
+        '"127.0.0.1:9101"',
     ),
 )
 
@@ -370,10 +407,46 @@ SERVICE_OPTIONS = (
     ),
 )
 
+NOTIFY_OPTIONS = (
+    Option("url", url, REQUIRED, "Where each event is POSTed.", '"https://..."'),
+    Option(
+        "events",
+        events,
+        EVENTS,
+        "Events to send: " + ", ".join(EVENTS) + ".",
+        '["failed", "rolled_back"]',
+        "all",
+    ),
+    Option("targets", names, None, "Targets whose events to send.", '["ares"]', "all"),
+    Option(
+        "secret_file",
+        absolute_path,
+        None,
+        "File holding the key that signs each body (X-Ares-Signature); unsigned "
+        "when omitted.",
+        '"/etc/ares-deployd/webhook-secret"',
+    ),
+    Option(
+        "format",
+        notify_format,
+        "json",
+        'The body: "json" (the deployment and the event) or "slack" ({"text": ...}).',
+        '"slack"',
+    ),
+    Option(
+        "retry_for",
+        duration,
+        600,
+        "How long to retry a delivery that fails before it is dropped.",
+        '"10m"',
+    ),
+)
+
 TABLES: dict[str, tuple[Option, ...]] = {
     "server": SERVER_OPTIONS,
     "targets.<name>": TARGET_OPTIONS,
     "services.<name>": SERVICE_OPTIONS,
+    "[notify]": NOTIFY_OPTIONS,
 }
 
 
@@ -384,6 +457,7 @@ class ServerConfig:
     state_dir: Path
     history: int
     health_interval: int
+    metrics_listen: Listen | None
 
 
 @dataclass(frozen=True)
@@ -420,11 +494,25 @@ class Service:
 
 
 @dataclass(frozen=True)
+class Notify:
+    url: str
+    events: tuple[str, ...]
+    targets: tuple[str, ...] | None
+    secret_file: Path | None
+    format: str
+    retry_for: int
+
+    def wants(self, event: str, target: str) -> bool:
+        return event in self.events and (self.targets is None or target in self.targets)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     server: ServerConfig
     targets: dict[str, Target] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
+    notify: tuple[Notify, ...] = ()
 
 
 _ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -492,6 +580,22 @@ def _read_entries(
     return entries
 
 
+def _read_list(
+    prefix: str,
+    raw: Any,
+    options: tuple[Option, ...],
+    problems: list[str],
+) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        problems.append(
+            f"{prefix}: expected a list of tables ([[{prefix}]]), got {_type_name(raw)}"
+        )
+        return []
+    tables = [_read_table(f"{prefix}[{n}]", item, options, problems) for n, item in
+              enumerate(raw)]  # fmt: skip
+    return [table for table in tables if table is not None]
+
+
 def parse(document: dict[str, Any], path: str) -> Config:
     """Check a parsed TOML document and build the :class:`Config`.
 
@@ -500,9 +604,9 @@ def parse(document: dict[str, Any], path: str) -> Config:
     """
     problems: list[str] = []
     for table in document:
-        if table not in ("server", "targets", "services"):
+        if table not in ("server", "targets", "services", "notify"):
             problems.append(
-                f"{table}: unknown table (known: server, targets, services)"
+                f"{table}: unknown table (known: server, targets, services, notify)"
             )
 
     server = _read_table("server", document.get("server", {}), SERVER_OPTIONS, problems)
@@ -512,6 +616,10 @@ def parse(document: dict[str, Any], path: str) -> Config:
     services = _read_entries(
         "services", document.get("services", {}), SERVICE_OPTIONS, problems
     )
+    notify = _read_list("notify", document.get("notify", []), NOTIFY_OPTIONS, problems)
+    for index, hook in enumerate(notify):
+        for unknown in sorted(set(hook["targets"] or ()) - set(targets)):
+            problems.append(f'notify[{index}].targets: no target named "{unknown}"')
     if problems or server is None:
         raise ConfigError([f"{path}: {problem}" for problem in problems])
 
@@ -523,6 +631,7 @@ def parse(document: dict[str, Any], path: str) -> Config:
         server=ServerConfig(**server),
         targets={key: Target(name=key, **value) for key, value in targets.items()},
         services={key: Service(name=key, **value) for key, value in services.items()},
+        notify=tuple(Notify(**hook) for hook in notify),
     )
 
 

@@ -19,6 +19,7 @@ from ares_deployd import config as configuration
 from ares_deployd.api import deploys
 from ares_deployd.api.app import create_app
 from ares_deployd.errors import DeploydError
+from ares_deployd.notify import Notifier, Outbox
 from ares_deployd.runner import Runner
 from ares_deployd.store import Store
 from ares_deployd.systemd import LoopThread, Systemd
@@ -114,6 +115,21 @@ class Daemon:
         self.loop = LoopThread()
         self.systemd = Systemd(os.environ.get("ARES_DEPLOYD_BUS_ADDRESS"))
         self.runner = Runner(lambda: self.config, self.store, self.systemd, self.loop)
+        self.metrics: Any = None
+        if config.server.metrics_listen is not None:
+            from ares_deployd.metrics import Metrics
+
+            self.metrics = Metrics(self.store)
+            self.runner.started_listeners.append(self.metrics.deployment_started)
+            self.runner.listeners.append(self.metrics.deployment_finished)
+        self.notifier = Notifier(
+            lambda: self.config,
+            self.store,
+            Outbox(state_dir / "history.sqlite3"),
+            self.metrics.notification if self.metrics else None,
+        )
+        self.runner.started_listeners.append(self.notifier.started)
+        self.runner.listeners.append(self.notifier.finished)
         self.server: Any = None
 
     def start(self) -> None:
@@ -129,7 +145,14 @@ class Daemon:
             "/api/admin/deploy/{id}/log": deploys.Log(self.runner),
             "/api/admin/deploys": deploys.DeployList(self.runner),
         }
-        app = create_app(lambda: self.secret, routes)
+        middleware: list[object] = []
+        if self.metrics is not None:
+            from ares_deployd.metrics import RequestMetrics
+
+            middleware.append(RequestMetrics(self.metrics))
+            self.metrics.serve(self.config.server.metrics_listen)
+        app = create_app(lambda: self.secret, routes, middleware)
+        self.loop.submit(self.notifier.run())
         listen = self.config.server.listen
         self.server = waitress.create_server(
             app,
@@ -160,8 +183,9 @@ class Daemon:
         except DeploydError as error:
             log.error("reload refused: %s", error.message)
             return
-        if fresh.server.listen != self.config.server.listen:
-            log.warning("a new listen address takes effect only on restart")
+        for key in ("listen", "metrics_listen"):
+            if getattr(fresh.server, key) != getattr(self.config.server, key):
+                log.warning("a new %s takes effect only on restart", key)
         self.config, self.secret = fresh, secret
         log.info("configuration reloaded: %d targets", len(fresh.targets))
 
@@ -172,11 +196,14 @@ class Daemon:
         sdnotify.notify("STOPPING=1")
         if self.server is not None:
             self.server.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         try:
             self.systemd.disconnect()
         except Exception:
             log.debug("disconnecting from the bus failed", exc_info=True)
         self.loop.stop()
+        self.notifier.close()
         self.store.close()
 
 

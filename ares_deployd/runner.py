@@ -223,6 +223,8 @@ class Runner:
         self.loop = loop
         self._ends: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Called on the loop thread when a deployment has started, and ended.
+        self.started_listeners: list[Callable[[Deployment], None]] = []
         self.listeners: list[Callable[[Deployment], None]] = []
         systemd.on_properties(self._on_properties)
         systemd.on_unit_removed(self._on_removed)
@@ -359,6 +361,8 @@ class Runner:
             target.name,
             deployment.unit,
         )
+        for listener in self.started_listeners:
+            listener(deployment)
         self._spawn(deployment, self._follow(deployment, target))
 
     def _spawn(self, deployment: Deployment, work: object) -> None:

@@ -108,6 +108,15 @@ class Deployment:
             "rolled_back_by": self.rolled_back_by,
         }
 
+    def as_json(self) -> dict[str, Any]:
+        """Everything the API shows of a deployment but its output."""
+        return {
+            **self.summary(),
+            "unit": self.unit,
+            "phase": self.phase,
+            "failed_step": self.failed_step,
+        }
+
 
 COLUMNS = ", ".join(field.name for field in fields(Deployment))
 

@@ -129,9 +129,16 @@ def read_json(req: falcon.Request) -> dict[str, Any]:
     return body
 
 
-def create_app(secret: Callable[[], str], routes: dict[str, object]) -> falcon.App:
-    """The WSGI app: ``routes`` maps URI templates to resources."""
-    app = falcon.App(middleware=[Authentication(secret)])
+def create_app(
+    secret: Callable[[], str],
+    routes: dict[str, object],
+    middleware: list[object] | None = None,
+) -> falcon.App:
+    """The WSGI app: ``routes`` maps URI templates to resources.
+
+    ``middleware`` runs before authentication, so it sees refused requests too.
+    """
+    app = falcon.App(middleware=[*(middleware or []), Authentication(secret)])
     app.req_options.strip_url_path_trailing_slash = True
     for template, resource in routes.items():
         app.add_route(template, resource)

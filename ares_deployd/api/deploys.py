@@ -36,13 +36,7 @@ def _find(runner: Runner, deployment_id: str) -> Deployment:
 def detail(runner: Runner, deployment: Deployment) -> dict[str, Any]:
     """A deployment as ``GET /api/admin/deploy/{id}`` shows it."""
     output = buildlog.log_path(runner.state_dir, deployment.id)
-    return {
-        **deployment.summary(),
-        "output": buildlog.tail(output, deployment.id),
-        "unit": deployment.unit,
-        "phase": deployment.phase,
-        "failed_step": deployment.failed_step,
-    }
+    return {**deployment.as_json(), "output": buildlog.tail(output, deployment.id)}
 
 
 class Deploy:

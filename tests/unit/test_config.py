@@ -150,7 +150,7 @@ def test_listen_ipv6_parses(tmp_path: Path) -> None:
         ),
         (
             '[deploy]\ntarget = "x"\n',
-            "deploy: unknown table (known: server, targets, services)",
+            "deploy: unknown table (known: server, targets, services, notify)",
         ),
         (
             GOOD_TARGET.replace("[targets.app]", '[targets."../app"]'),
