@@ -9,6 +9,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -39,22 +43,77 @@ HTTP_CODES = {
 }
 
 
-class Authentication:
-    """Refuses every request that lacks the admin secret, before routing."""
+class FailureLimit:
+    """Counts failed attempts per client address over a sliding window."""
 
-    def __init__(self, secret: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        limit: int = 10,
+        window: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        tracked: int = 10000,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._tracked = tracked
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def blocked_for(self, address: str) -> float:
+        """Seconds until ``address`` may try again; 0 when it may now."""
+        with self._lock:
+            failures = self._failures.get(address)
+            if not failures:
+                return 0.0
+            now = self._clock()
+            while failures and failures[0] <= now - self.window:
+                failures.popleft()
+            if len(failures) < self.limit:
+                return 0.0
+            return failures[0] + self.window - now
+
+    def failed(self, address: str) -> None:
+        with self._lock:
+            failures = self._failures.setdefault(address, deque(maxlen=self.limit))
+            failures.append(self._clock())
+            self._failures.move_to_end(address)
+            # Bound the memory a flood of addresses can take.
+            while len(self._failures) > self._tracked:
+                self._failures.popitem(last=False)
+
+
+class Authentication:
+    """Refuses every request that lacks the admin secret, before routing.
+
+    An address that failed too often in the last minute is refused with 429
+    whatever it sends, so the secret cannot be guessed at speed.
+    """
+
+    def __init__(self, secret: Callable[[], str], limit: FailureLimit) -> None:
         self._secret = secret
+        self._limit = limit
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        address = req.remote_addr or "unknown"
+        wait = self._limit.blocked_for(address)
+        if wait > 0:
+            raise DeploydError(
+                429,
+                "too_many_attempts",
+                "Too many failed attempts from this address; try again later",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
         given = req.get_header(SECRET_HEADER) or ""
         expected = self._secret()
         if hmac.compare_digest(given.encode(), expected.encode()):
             return
+        self._limit.failed(address)
         log.warning(
             "refused %s %s from %s: %s",
             req.method,
             req.path,
-            req.remote_addr,
+            address,
             "wrong admin secret" if given else "no admin secret",
         )
         raise DeploydError(
@@ -138,7 +197,8 @@ def create_app(
 
     ``middleware`` runs before authentication, so it sees refused requests too.
     """
-    app = falcon.App(middleware=[*(middleware or []), Authentication(secret)])
+    authentication = Authentication(secret, FailureLimit())
+    app = falcon.App(middleware=[*(middleware or []), authentication])
     app.req_options.strip_url_path_trailing_slash = True
     for template, resource in routes.items():
         app.add_route(template, resource)

@@ -8,7 +8,7 @@ import falcon
 import falcon.testing
 import pytest
 
-from ares_deployd.api.app import create_app, read_json
+from ares_deployd.api.app import FailureLimit, create_app, read_json
 from ares_deployd.errors import DeploydError
 
 SECRET = "correct horse"
@@ -152,3 +152,47 @@ def test_read_json_accepts_charset(client) -> None:
     )
 
     assert result.json == {"target": "ares"}
+
+
+def test_failure_limit_blocks_after_ten_within_the_window() -> None:
+    now = [1000.0]
+    limit = FailureLimit(limit=10, window=60, clock=lambda: now[0])
+
+    for _ in range(9):
+        limit.failed("10.0.0.1")
+    assert limit.blocked_for("10.0.0.1") == 0
+    limit.failed("10.0.0.1")
+
+    assert limit.blocked_for("10.0.0.1") == 60
+    assert limit.blocked_for("10.0.0.2") == 0
+    now[0] += 59.5
+    assert limit.blocked_for("10.0.0.1") == 0.5
+    now[0] += 0.5
+    assert limit.blocked_for("10.0.0.1") == 0
+
+
+def test_failure_limit_forgets_the_oldest_addresses() -> None:
+    limit = FailureLimit(limit=1, tracked=2)
+
+    for address in ("a", "b", "c"):
+        limit.failed(address)
+
+    assert limit.blocked_for("a") == 0
+    assert limit.blocked_for("c") > 0
+
+
+def test_auth_too_many_failures_is_429_for_that_address_only(client) -> None:
+    wrong = {"X-Admin-Secret": "nope"}
+    for _ in range(10):
+        result = client.simulate_get(
+            "/api/admin/echo", headers=wrong, remote_addr="10.9.9.9"
+        )
+        assert result.status_code == 401
+
+    blocked = client.simulate_get("/api/admin/echo", remote_addr="10.9.9.9")
+    other = client.simulate_get("/api/admin/echo", remote_addr="10.9.9.8")
+
+    assert blocked.status_code == 429
+    assert blocked.json["error"] == "too_many_attempts"
+    assert 59 <= int(blocked.headers["Retry-After"]) <= 60
+    assert other.status_code == 200
