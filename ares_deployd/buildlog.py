@@ -7,10 +7,13 @@ so readers can resume from where they stopped.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 1024 * 1024
 STEP_MARK = "==> Step "
@@ -25,13 +28,31 @@ def result_path(state_dir: Path, deployment_id: str) -> Path:
     return state_dir / "results" / deployment_id
 
 
-def append(path: Path, text: str) -> None:
-    """Add the daemon's own lines to a build log."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+def append(path: Path, text: str) -> bool:
+    """Add the daemon's own lines to a build log; False when the disk refused.
+
+    A full disk must not stop a deployment from being recorded, so the error is
+    logged and swallowed here.
+    """
     try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+    except OSError as error:
+        log.error("cannot write to %s: %s", path, error.strerror)
+        return False
+    return True
+
+
+def space_left(directory: Path) -> int:
+    """Bytes free for the daemon in ``directory``'s filesystem."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return 0
+    return stats.f_bavail * stats.f_frsize
 
 
 def size(path: Path) -> int:

@@ -131,10 +131,13 @@ class Daemon:
         self.runner.started_listeners.append(self.notifier.started)
         self.runner.listeners.append(self.notifier.finished)
         self.server: Any = None
+        self.exit_status = 0
+        self._stopping = False
 
     def start(self) -> None:
         """Connect to systemd, re-attach to running deployments, and listen."""
         self.loop.run(self.systemd.connect(), timeout=30)
+        self.loop.submit(self._watch_bus())
         self.runner.prepare()
         attached = self.loop.run(self.runner.reattach(), timeout=30)
         routes = {
@@ -171,6 +174,19 @@ class Daemon:
         )
         sdnotify.notify("READY=1", f"STATUS=Listening on {listen}")
 
+    async def _watch_bus(self) -> None:
+        # Signals sent while disconnected are lost for good, so rather than
+        # reconnect, exit: systemd starts the daemon again (Restart=on-failure),
+        # and it re-attaches to every running deployment from scratch.
+        try:
+            await self.systemd.wait_for_disconnect()
+        except Exception as error:
+            log.debug("the bus connection ended: %s", error)
+        if not self._stopping:
+            log.error("lost the connection to the system bus; exiting to start afresh")
+            self.exit_status = 1
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def reload(self) -> None:
         """Read the configuration again; keep the old one if the new one is bad."""
         try:
@@ -193,6 +209,7 @@ class Daemon:
         self.server.run()
 
     def stop(self) -> None:
+        self._stopping = True
         sdnotify.notify("STOPPING=1")
         if self.server is not None:
             self.server.close()
@@ -267,4 +284,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         daemon.stop()
     log.info("stopped")
-    return 0
+    return daemon.exit_status

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dbus_next import Variant
 from dbus_next.errors import DBusError
@@ -60,6 +61,8 @@ printf '==> Revision %s: %s\\n' "$1" "${revision:-unknown}"
 REF_LIMIT = 200
 
 RESTART_JOB_TIMEOUT = 120.0
+# Free bytes below which a failure is put down to a full state directory.
+LOW_SPACE = 256 * 1024
 # How often a build in progress is checked for having vanished unseen.
 SAFETY_CHECK = 30.0
 
@@ -431,6 +434,8 @@ class Runner:
             await self._restart(deployment, target)
             await self._finish(deployment, SUCCESS)
         except Failure as failure:
+            if buildlog.space_left(self.state_dir) < LOW_SPACE:
+                failure.reason += f" (the state directory {self.state_dir} is full)"
             current = self.store.get(deployment.id)
             if current is not None and current.cancel_requested:
                 await self._finish(deployment, CANCELLED, "cancelled by request")
@@ -596,8 +601,8 @@ class Runner:
             buildlog.append(output, "==> Deployment succeeded\n")
         else:
             buildlog.append(output, f"==> Deployment {status}: {reason}\n")
-        ended = self.store.finish(
-            deployment.id, status, reason, exit_status, failed_step, rolled_back_by
+        ended = await self._record_end(
+            deployment, status, reason, exit_status, failed_step, rolled_back_by
         )
         if not ended:
             return
@@ -619,6 +624,22 @@ class Runner:
         if finished is not None:
             for listener in self.listeners:
                 listener(finished)
+
+    async def _record_end(self, deployment: Deployment, *outcome: Any) -> bool:
+        """Commit the end of a deployment, waiting for disk space if it must."""
+        delay = 1.0
+        while True:
+            try:
+                return self.store.finish(deployment.id, *outcome)
+            except DeploydError as error:
+                log.error(
+                    "cannot record the end of deployment %s yet: %s; retrying in %.0fs",
+                    deployment.id,
+                    error.message,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
     async def reattach(self) -> int:
         """Follow the deployments a previous run left running; how many there were."""

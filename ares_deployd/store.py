@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ares_deployd.errors import DeploydError
+
 log = logging.getLogger(__name__)
 
 RUNNING = "running"
@@ -129,11 +131,26 @@ class Busy(Exception):
         self.running = running
 
 
+# Kept free beside the database, and given up when the disk fills, so that the
+# outcome of the deployments in flight can still be committed.
+RESERVE_BYTES = 1024 * 1024
+
+
+def _disk_full(error: sqlite3.OperationalError) -> bool:
+    return "full" in str(error) or "disk I/O" in str(error)
+
+
 class Store:
     """The history database; safe to share between threads."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.reserve = path.parent / "reserve"
+        if not self.reserve.exists():
+            try:
+                self.reserve.write_bytes(b"\0" * RESERVE_BYTES)
+            except OSError:
+                self.reserve.unlink(missing_ok=True)
         self._db = sqlite3.connect(
             path, check_same_thread=False, isolation_level=None, timeout=10
         )
@@ -160,14 +177,37 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One committed transaction; a full disk is a 507 ``state_dir_full``."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if not _disk_full(error):
+                    raise
+                self._release_reserve()
+                raise DeploydError(
+                    507,
+                    "state_dir_full",
+                    f"The state directory {self.path.parent} has no space left",
+                ) from None
+
+    def _release_reserve(self) -> None:
+        if self.reserve.exists():
+            self.reserve.unlink(missing_ok=True)
+            log.error(
+                "%s is full: gave up its %d KiB reserve to record deployments; "
+                "free some space",
+                self.path.parent,
+                RESERVE_BYTES // 1024,
+            )
 
     def _one(self, sql: str, args: tuple[Any, ...]) -> Deployment | None:
         with self._lock:
