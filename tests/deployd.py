@@ -41,7 +41,7 @@ class Deployd:
         self.http = requests.Session()
         self.http.headers["X-Admin-Secret"] = self.secret
 
-    def install(self, executable: str | None = None) -> None:
+    def install(self, executable: str | None = None, log_level: str = "debug") -> None:
         """Put the unit, a drop-in for this checkout, and the secret in place."""
         program = executable or str(Path(sys.prefix) / "bin" / "ares-deployd")
         self.sandbox.write(

@@ -1,0 +1,124 @@
+"""Bounded HTTP load on loopback: wrk when it is installed, else a Python client.
+
+Both stop after a fixed time; both report requests per second and latency
+percentiles, so the figures can use either.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+@dataclass
+class Load:
+    requests: int
+    errors: int
+    seconds: float
+    p50: float
+    p99: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+def _wrk_seconds(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+
+
+def wrk(url: str, headers: dict[str, str], seconds: float, connections: int) -> Load:
+    argv = ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds:.0f}s"]
+    argv += ["--latency", "--timeout", "10s"]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    out = subprocess.run(
+        [*argv, url], capture_output=True, text=True, check=True, timeout=seconds + 30
+    ).stdout
+    done = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+    assert done is not None, out
+    total = int(done.group(1))
+    errors = sum(
+        int(count)
+        for count in re.findall(r"(?:Non-2xx or 3xx responses:|connect|read|write|"
+                                r"timeout) (\d+)", out)
+    )  # fmt: skip
+    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, flags=re.MULTILINE))
+    return Load(
+        requests=total,
+        errors=errors,
+        seconds=_wrk_seconds(done.group(2) + done.group(3)),
+        p50=_wrk_seconds(percentiles["50"]),
+        p99=_wrk_seconds(percentiles["99"]),
+    )
+
+
+def python_client(
+    url: str, headers: dict[str, str], seconds: float, connections: int
+) -> Load:
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def worker() -> None:
+        mine, failed = [], 0
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            try:
+                connection.request("GET", path, headers=headers)
+                response = connection.getresponse()
+                response.read()
+                if response.status >= 300:
+                    failed += 1
+            except (OSError, http.client.HTTPException):
+                failed += 1
+                connection.close()
+                connection = http.client.HTTPConnection(
+                    parts.hostname, parts.port, timeout=10
+                )
+            mine.append(time.perf_counter() - start)
+        connection.close()
+        with lock:
+            latencies.extend(mine)
+            errors[0] += failed
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    latencies.sort()
+    return Load(
+        requests=len(latencies),
+        errors=errors[0],
+        seconds=elapsed,
+        p50=statistics.median(latencies),
+        p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+    )
+
+
+def load(
+    url: str, headers: dict[str, str], seconds: float, connections: int = 8
+) -> Load:
+    """GET ``url`` as fast as ``connections`` clients can for ``seconds``."""
+    if shutil.which("wrk"):
+        return wrk(url, headers, seconds, connections)
+    return python_client(url, headers, seconds, connections)
+
+
+def client_name() -> str:
+    return "wrk" if shutil.which("wrk") else "a Python client (wrk not installed)"
