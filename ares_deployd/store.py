@@ -7,6 +7,7 @@ racing for the same target cannot both win.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -14,7 +15,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +69,13 @@ INDEXES = "CREATE INDEX IF NOT EXISTS by_revision ON deployments (revision, seq)
 def rfc3339(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _rfc3339(int(timestamp))
+
+
+# Every listing formats the same few dozen times again: keep them.
+@functools.lru_cache(maxsize=8192)
+def _rfc3339(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 @dataclass
@@ -154,15 +159,16 @@ class Store:
         self._db = sqlite3.connect(
             path, check_same_thread=False, isolation_level=None, timeout=10
         )
-        self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        # Goes up with every committed change: answers made from an older one
+        # are stale.
+        self.generation = 0
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
             present = {
-                row["name"]
-                for row in self._db.execute("PRAGMA table_info(deployments)")
+                row[1] for row in self._db.execute("PRAGMA table_info(deployments)")
             }
             for column, kind in ADDED_COLUMNS.items():
                 if column not in present:
@@ -187,6 +193,7 @@ class Store:
                     self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
+                self.generation += 1
             except sqlite3.OperationalError as error:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
@@ -212,7 +219,7 @@ class Store:
     def _one(self, sql: str, args: tuple[Any, ...]) -> Deployment | None:
         with self._lock:
             row = self._db.execute(sql, args).fetchone()
-        return Deployment(**row) if row else None
+        return Deployment(*row) if row else None
 
     def create(
         self,
@@ -269,7 +276,7 @@ class Store:
                 f"SELECT {COLUMNS} FROM deployments WHERE status = ? ORDER BY seq",
                 (RUNNING,),
             ).fetchall()
-        return [Deployment(**row) for row in rows]
+        return [Deployment(*row) for row in rows]
 
     def latest(self) -> Deployment | None:
         return self._one(
@@ -301,7 +308,7 @@ class Store:
                 f"SELECT {COLUMNS} FROM deployments {clause} ORDER BY seq DESC LIMIT ?",
                 (*args, limit),
             ).fetchall()
-        return [Deployment(**row) for row in rows]
+        return [Deployment(*row) for row in rows]
 
     def update(self, deployment_id: str, **changes: Any) -> None:
         """Change fields of a running deployment (phase, cancel request, ...)."""
@@ -349,7 +356,7 @@ class Store:
                 " AND revision IS NOT NULL AND seq < ? ORDER BY seq DESC LIMIT 1",
                 (target, SUCCESS, before),
             ).fetchone()
-        return row["revision"] if row else None
+        return row[0] if row else None
 
     def prune(self, keep: int) -> list[str]:
         """Delete finished deployments beyond the newest ``keep``; their ids."""
@@ -359,6 +366,6 @@ class Store:
                 " SELECT seq FROM deployments ORDER BY seq DESC LIMIT 1 OFFSET ?)",
                 (RUNNING, keep),
             ).fetchall()
-            ids = [row["id"] for row in rows]
+            ids = [row[0] for row in rows]
             db.executemany("DELETE FROM deployments WHERE id = ?", [(i,) for i in ids])
         return ids

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 import falcon
@@ -13,16 +17,39 @@ from ares_deployd.errors import bad_request, not_found
 from ares_deployd.runner import Runner
 from ares_deployd.store import STATUSES, Deployment
 
+# The canonical form of the ids the daemon makes, the only form it answers to.
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 LIST_DEFAULT = 20
 LIST_MAX = 200
 
 
+class Answers:
+    """Encoded answers, reused for as long as what they were made from holds.
+
+    Clients poll the same few URLs; encoding the same rows again for each was
+    most of what an answer cost. A key names everything the answer depends on.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._items: OrderedDict[Hashable, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> str | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key: Hashable, body: str) -> None:
+        with self._lock:
+            self._items[key] = body
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
 def _lookup(runner: Runner, deployment_id: str) -> Deployment | None:
-    try:
-        canonical = str(uuid.UUID(deployment_id))
-    except ValueError:
+    if not UUID.fullmatch(deployment_id):
         return None
-    return runner.store.get(canonical) if canonical == deployment_id else None
+    return runner.store.get(deployment_id)
 
 
 def _find(runner: Runner, deployment_id: str) -> Deployment:
@@ -85,9 +112,20 @@ class DeploymentResource:
 
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
+        self._answers = Answers()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
-        resp.media = detail(self.runner, _find(self.runner, id))
+        if not UUID.fullmatch(id):
+            raise not_found("not_found", f"No deployment with id {id!r}")
+        output = buildlog.log_path(self.runner.state_dir, id)
+        key = (id, self.runner.store.generation, buildlog.size(output))
+        resp.content_type = falcon.MEDIA_JSON
+        if (cached := self._answers.get(key)) is not None:
+            resp.text = cached
+            return
+
+        resp.text = json.dumps(detail(self.runner, _find(self.runner, id)))
+        self._answers.put(key, resp.text)
 
 
 class Cancel:
@@ -141,8 +179,15 @@ class DeployList:
 
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
+        self._answers = Answers()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        key = (req.query_string, self.runner.store.generation)
+        resp.content_type = falcon.MEDIA_JSON
+        if (cached := self._answers.get(key)) is not None:
+            resp.text = cached
+            return
+
         limit = _int_param(req, "limit", LIST_DEFAULT, 1, LIST_MAX)
         status = req.get_param("status")
         if status is not None and status not in STATUSES:
@@ -166,7 +211,8 @@ class DeployList:
             before=before,
         )
 
-        resp.media = {"deploys": [d.summary() for d in deployments]}
+        resp.text = json.dumps({"deploys": [d.summary() for d in deployments]})
+        self._answers.put(key, resp.text)
 
 
 def _int_param(
