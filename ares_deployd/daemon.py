@@ -10,17 +10,16 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
-
-import waitress
 
 from ares_deployd import __version__, sdnotify
 from ares_deployd import config as configuration
 from ares_deployd.api import deploys
 from ares_deployd.api.app import create_app
 from ares_deployd.errors import DeploydError
+from ares_deployd.httpserver import HTTPServer, inherited_sockets
 from ares_deployd.runner import Runner
 from ares_deployd.store import Store
+from ares_deployd.supervision import Supervisor
 from ares_deployd.systemd import LoopThread, Systemd
 
 log = logging.getLogger("ares_deployd")
@@ -114,7 +113,8 @@ class Daemon:
         self.loop = LoopThread()
         self.systemd = Systemd(os.environ.get("ARES_DEPLOYD_BUS_ADDRESS"))
         self.runner = Runner(lambda: self.config, self.store, self.systemd, self.loop)
-        self.server: Any = None
+        self.server: HTTPServer | None = None
+        self.supervisor: Supervisor | None = None
 
     def start(self) -> None:
         """Connect to systemd, re-attach to running deployments, and listen."""
@@ -129,26 +129,39 @@ class Daemon:
             "/api/admin/deploys": deploys.DeployList(self.runner),
         }
         app = create_app(lambda: self.secret, routes)
-        listen = self.config.server.listen
-        self.server = waitress.create_server(
-            app,
-            host=listen.host,
-            port=listen.port,
-            threads=THREADS,
-            ident="ares-deployd",
-            clear_untrusted_proxy_headers=True,
-            max_request_body_size=1024 * 1024,
+        server = HTTPServer(
+            app, self.config.server.listen, inherited_sockets(), THREADS
         )
+        self.server = server
+        listening = ", ".join(server.addresses)
         log.info(
-            "listening on %s with %d targets; re-attached to %d running deployments",
-            listen,
+            "listening on %s%s with %d targets; re-attached to %d running deployments",
+            listening,
+            " (sockets from systemd)" if server.activated else "",
             len(self.config.targets),
             attached,
         )
-        sdnotify.notify("READY=1", f"STATUS=Listening on {listen}")
+        self.supervisor = Supervisor(
+            self.store,
+            self.loop,
+            listening,
+            lambda: server.heartbeat,
+            lambda: self.systemd.connected,
+        )
+        self.runner.listeners.append(self.supervisor.refresh)
+        self.runner.start_listeners.append(self.supervisor.refresh)
+        self.supervisor.start()
+        sdnotify.notify("READY=1", f"STATUS={self.supervisor.line()}")
 
     def reload(self) -> None:
         """Read the configuration again; keep the old one if the new one is bad."""
+        sdnotify.notify("RELOADING=1")
+        try:
+            self._reload()
+        finally:
+            sdnotify.notify("READY=1")
+
+    def _reload(self) -> None:
         try:
             fresh = configuration.load(self.config.path)
             secret = configuration.load_secret(fresh)
@@ -159,18 +172,21 @@ class Daemon:
         except DeploydError as error:
             log.error("reload refused: %s", error.message)
             return
-        if fresh.server.listen != self.config.server.listen:
+        if fresh.server.listen != self.config.server.listen and not (
+            self.server is not None and self.server.activated
+        ):
             log.warning("a new listen address takes effect only on restart")
         self.config, self.secret = fresh, secret
         log.info("configuration reloaded: %d targets", len(fresh.targets))
 
     def serve(self) -> None:
-        self.server.run()
+        assert self.server is not None
+        self.server.serve()
 
     def stop(self) -> None:
-        sdnotify.notify("STOPPING=1")
-        if self.server is not None:
-            self.server.close()
+        """Close everything; builds go on in their own units."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
         try:
             self.systemd.disconnect()
         except Exception:
@@ -225,17 +241,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon.stop()
         return 1
 
+    server = daemon.server
+    assert server is not None
+
     def on_term(signum: int, frame: object) -> None:
         log.info("stopping on %s", signal.Signals(signum).name)
-        raise SystemExit(0)
+        if daemon.supervisor is not None:
+            daemon.supervisor.stop_reporting()
+        sdnotify.notify("STOPPING=1", "STATUS=Stopping: finishing requests in flight")
+        server.stop()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, lambda signum, frame: daemon.reload())
+    signal.signal(signal.SIGHUP, lambda signum, frame: server.call_soon(daemon.reload))
     try:
         daemon.serve()
-    except SystemExit:
-        pass
     finally:
         daemon.stop()
     log.info("stopped")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import time
@@ -104,6 +105,16 @@ def build_properties(
         ("CollectMode", Variant("s", "inactive-or-failed")),
         ("NoNewPrivileges", Variant("b", True)),
         ("PrivateTmp", Variant("b", True)),
+        # What no compiler or package manager needs: the kernel's settings,
+        # modules and log, the control groups, the host name, set-uid files
+        # and a different execution domain.
+        ("ProtectKernelTunables", Variant("b", True)),
+        ("ProtectKernelModules", Variant("b", True)),
+        ("ProtectKernelLogs", Variant("b", True)),
+        ("ProtectControlGroups", Variant("b", True)),
+        ("ProtectHostname", Variant("b", True)),
+        ("RestrictSUIDSGID", Variant("b", True)),
+        ("LockPersonality", Variant("b", True)),
     ]
     if target.group:
         properties.append(("Group", Variant("s", target.group)))
@@ -199,7 +210,10 @@ class Runner:
         self.loop = loop
         self._ends: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Called on the loop: listeners with each deployment that has ended,
+        # start_listeners with each whose build unit has started.
         self.listeners: list[Callable[[Deployment], None]] = []
+        self.start_listeners: list[Callable[[Deployment], None]] = []
         systemd.on_properties(self._on_properties)
         systemd.on_unit_removed(self._on_removed)
 
@@ -302,6 +316,8 @@ class Runner:
             target.name,
             deployment.unit,
         )
+        for listener in self.start_listeners:
+            listener(deployment)
         self._spawn(deployment, self._follow(deployment, target))
 
     def _spawn(self, deployment: Deployment, work: object) -> None:
@@ -530,4 +546,10 @@ def probe(url: str, timeout: float = 5.0) -> tuple[int | None, str]:
         return error.code, f"answered {error.code}"
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
+        if getattr(reason, "errno", None) == errno.EPERM:
+            # What a connect refused by the unit's IPAddressDeny= looks like.
+            return None, (
+                f"failed: {reason} (allow its address with IPAddressAllow= in a "
+                "drop-in for ares-deployd.service)"
+            )
         return None, f"failed: {reason}"
