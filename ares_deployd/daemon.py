@@ -198,16 +198,20 @@ class Daemon:
 def check_config(path: str) -> int:
     """Print ``ok`` or every problem; a missing secret is a warning only, since
     the file is often checked on another machine than the one it is for."""
+    # Run as the unit's ExecReload=, its lines go to the journal at their level.
+    error_mark, warning_mark = ("<3>", "<4>") if _stderr_is_journal() else ("", "")
     try:
         loaded = configuration.load(path)
     except configuration.ConfigError as error:
-        print("\n".join(error.problems), file=sys.stderr)
+        for problem in error.problems:
+            print(f"{error_mark}{problem}", file=sys.stderr)
         return 1
     try:
         configuration.load_secret(loaded)
     except DeploydError as error:
         print(
-            f"warning: {error.message}; the daemon will not start without it",
+            f"{warning_mark}warning: {error.message}; the daemon will not start "
+            "without it",
             file=sys.stderr,
         )
     print("ok")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -74,6 +75,24 @@ def inherited_sockets() -> list[socket.socket]:
             )
         sockets.append(sock)
     return sockets
+
+
+class _Wakeup(wasyncore.dispatcher):
+    """The reading end of the signal wake-up socket; what it reads is dropped."""
+
+    def __init__(self, sock: socket.socket, map: dict, writer: socket.socket) -> None:
+        super().__init__(sock, map)
+        self._writer = writer
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        self.recv(512)
+
+    def close(self) -> None:
+        super().close()
+        self._writer.close()
 
 
 def describe(sock: socket.socket) -> str:
@@ -145,6 +164,7 @@ class HTTPServer:
 
     def serve(self) -> None:
         """Serve until :meth:`stop`, then let requests in flight finish."""
+        self._wake_on_signals()
         while not self._stop_requested:
             self._round()
 
@@ -165,7 +185,19 @@ class HTTPServer:
             )
 
         self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=2)
+        if threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(-1)
         wasyncore.close_all(self._map)
+
+    def _wake_on_signals(self) -> None:
+        """End the wait of a round when a signal arrives, so that its work runs
+        at once rather than at the end of the round."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        _Wakeup(reader, self._map, writer)
+        signal.set_wakeup_fd(writer.fileno())
 
     def _round(self) -> None:
         self.heartbeat = time.monotonic()

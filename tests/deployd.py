@@ -49,7 +49,9 @@ class Deployd:
         )
         self.sandbox.write(
             f"/etc/systemd/system/{UNIT}.d/checkout.conf",
-            f"[Service]\nExecStart=\nExecStart={program} --log-level debug\n",
+            f"[Service]\nExecStart=\nExecStart={program} --log-level debug\n"
+            f"ExecReload=\nExecReload={program} --check-config\n"
+            "ExecReload=/bin/kill -HUP $MAINPID\n",
         )
         self.sandbox.write(SECRET, self.secret + "\n", mode=0o600)
         self.sandbox.systemctl("daemon-reload")
