@@ -107,6 +107,17 @@ class Deployd:
         assert answer.status_code == 202, answer.text
         return answer.json()["id"]
 
+    def partial_post(self, body: bytes, sent: int) -> socket.socket:
+        """A deploy request whose body has arrived only up to ``sent`` bytes."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        head = (
+            "POST /api/admin/deploy HTTP/1.1\r\nHost: test\r\n"
+            f"X-Admin-Secret: {self.secret}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock.sendall(head + body[:sent])
+        return sock
+
     def wait(self, deployment_id: str, timeout: float = 60) -> dict[str, Any]:
         """The deployment once it has ended."""
         deadline = time.monotonic() + timeout

@@ -181,18 +181,6 @@ def test_reload_leaves_a_running_deployment_alone(daemon: Deployd) -> None:
     daemon.sandbox.systemctl("reload", UNIT)
 
 
-def partial_post(daemon: Deployd, body: bytes, sent: int) -> socket.socket:
-    """A deploy request whose body has arrived only up to ``sent`` bytes."""
-    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
-    head = (
-        "POST /api/admin/deploy HTTP/1.1\r\nHost: test\r\n"
-        f"X-Admin-Secret: {daemon.secret}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    sock.sendall(head + body[:sent])
-    return sock
-
-
 def refused(daemon: Deployd) -> bool:
     try:
         socket.create_connection(("127.0.0.1", daemon.port), timeout=5).close()
@@ -203,7 +191,7 @@ def refused(daemon: Deployd) -> bool:
 
 def test_stop_finishes_the_request_in_flight_and_exits_zero(daemon: Deployd) -> None:
     body = b'{"target": "ticking"}'
-    sock = partial_post(daemon, body, 5)
+    sock = daemon.partial_post(body, 5)
     time.sleep(0.5)
 
     daemon.sandbox.systemctl("--no-block", "stop", UNIT)
@@ -227,7 +215,7 @@ def test_stop_finishes_the_request_in_flight_and_exits_zero(daemon: Deployd) -> 
 
 
 def test_stop_waits_no_longer_than_its_bound(daemon: Deployd) -> None:
-    sock = partial_post(daemon, b'{"target": "quick"}', 3)
+    sock = daemon.partial_post(b'{"target": "quick"}', 3)
     time.sleep(0.5)
 
     daemon.sandbox.systemctl("stop", UNIT)
