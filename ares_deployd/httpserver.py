@@ -179,9 +179,7 @@ class HTTPServer:
             self._round()
         if busy:
             log.warning(
-                "stopping with %d connections still busy after %.0fs",
-                busy,
-                DRAIN_TIMEOUT,
+                "stopping after %.0fs; connections still busy: %d", DRAIN_TIMEOUT, busy
             )
 
         self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=2)

@@ -224,7 +224,7 @@ def test_stop_waits_no_longer_than_its_bound(daemon: Deployd) -> None:
 
     assert ended == b""
     assert show(daemon, "Result") == "success"
-    assert "stopping with 1 connections still busy after 10s" in journal(daemon)
+    assert "stopping after 10s; connections still busy: 1" in journal(daemon)
     daemon.start()
 
 
