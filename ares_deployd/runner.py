@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import time
@@ -546,10 +545,4 @@ def probe(url: str, timeout: float = 5.0) -> tuple[int | None, str]:
         return error.code, f"answered {error.code}"
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        if getattr(reason, "errno", None) == errno.EPERM:
-            # What a connect refused by the unit's IPAddressDeny= looks like.
-            return None, (
-                f"failed: {reason} (allow its address with IPAddressAllow= in a "
-                "drop-in for ares-deployd.service)"
-            )
         return None, f"failed: {reason}"

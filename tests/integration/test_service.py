@@ -43,6 +43,14 @@ working_directory = "{WORK}"
 user = "root"
 steps = ["mkdir /sys/fs/cgroup/escaped"]
 
+[targets.faraway]
+working_directory = "{WORK}"
+user = "nobody"
+steps = ["true"]
+restart = "idle.service"
+health_url = "http://127.0.0.2:9/health"
+health_timeout = "1s"
+
 [targets.hostname]
 working_directory = "{WORK}"
 user = "root"
@@ -59,6 +67,10 @@ steps = ["echo added by reload"]
 
 @pytest.fixture(scope="module")
 def daemon(deployd: Deployd) -> Deployd:
+    deployd.sandbox.write(
+        "/etc/systemd/system/idle.service", "[Service]\nExecStart=/bin/sleep infinity\n"
+    )
+    deployd.sandbox.systemctl("daemon-reload")
     deployd.configure(TARGETS)
     deployd.restart()
     return deployd
@@ -283,3 +295,22 @@ def test_build_cannot_touch_control_groups_or_host_name(daemon: Deployd) -> None
     assert not daemon.sandbox.path("/sys/fs/cgroup/escaped").exists()
     assert hostname["status"] == "failed"
     assert daemon.sandbox.run("hostname").stdout.strip() != "escaped"
+
+
+def test_health_check_reaches_only_the_addresses_the_unit_allows(
+    daemon: Deployd,
+) -> None:
+    allowed = daemon.wait(daemon.deploy("faraway"))
+    only = "[Service]\nIPAddressAllow=\nIPAddressAllow=127.0.0.1 ::1\n"
+    with drop_in(daemon, UNIT, "only-127-0-0-1", only):
+        daemon.restart()
+        denied = daemon.wait(daemon.deploy("faraway"))
+    daemon.restart()
+
+    # Nothing listens there: reached, it refuses; filtered, nothing comes back.
+    url = "http://127.0.0.2:9/health"
+    assert (
+        allowed["reason"]
+        == f"health check {url} failed: [Errno 111] Connection refused"
+    )
+    assert denied["reason"] == f"health check {url} failed: timed out"
