@@ -666,7 +666,8 @@ def load_secret(config: Config) -> str:
     """
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     path = config.server.admin_secret_file
-    if credentials and (Path(credentials) / CREDENTIAL_NAME).exists():
+    # os.path.exists: a credential this process may not see counts as absent.
+    if credentials and os.path.exists(Path(credentials) / CREDENTIAL_NAME):
         path = Path(credentials) / CREDENTIAL_NAME
     try:
         secret = path.read_text(encoding="utf-8").strip()

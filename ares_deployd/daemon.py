@@ -12,16 +12,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import waitress
-
 from ares_deployd import __version__, sdnotify
 from ares_deployd import config as configuration
 from ares_deployd.api import deploys
 from ares_deployd.api.app import create_app
 from ares_deployd.errors import DeploydError
+from ares_deployd.httpserver import HTTPServer, inherited_sockets
 from ares_deployd.notify import Notifier, Outbox
 from ares_deployd.runner import Runner
 from ares_deployd.store import Store
+from ares_deployd.supervision import Supervisor
 from ares_deployd.systemd import LoopThread, Systemd
 
 log = logging.getLogger("ares_deployd")
@@ -120,7 +120,7 @@ class Daemon:
             from ares_deployd.metrics import Metrics
 
             self.metrics = Metrics(self.store)
-            self.runner.started_listeners.append(self.metrics.deployment_started)
+            self.runner.start_listeners.append(self.metrics.deployment_started)
             self.runner.listeners.append(self.metrics.deployment_finished)
         self.notifier = Notifier(
             lambda: self.config,
@@ -128,9 +128,10 @@ class Daemon:
             Outbox(state_dir / "history.sqlite3"),
             self.metrics.notification if self.metrics else None,
         )
-        self.runner.started_listeners.append(self.notifier.started)
+        self.runner.start_listeners.append(self.notifier.started)
         self.runner.listeners.append(self.notifier.finished)
-        self.server: Any = None
+        self.server: HTTPServer | None = None
+        self.supervisor: Supervisor | None = None
         self.exit_status = 0
         self._stopping = False
 
@@ -156,23 +157,29 @@ class Daemon:
             self.metrics.serve(self.config.server.metrics_listen)
         app = create_app(lambda: self.secret, routes, middleware)
         self.loop.submit(self.notifier.run())
-        listen = self.config.server.listen
-        self.server = waitress.create_server(
-            app,
-            host=listen.host,
-            port=listen.port,
-            threads=THREADS,
-            ident="ares-deployd",
-            clear_untrusted_proxy_headers=True,
-            max_request_body_size=1024 * 1024,
+        server = HTTPServer(
+            app, self.config.server.listen, inherited_sockets(), THREADS
         )
+        self.server = server
+        listening = ", ".join(server.addresses)
         log.info(
-            "listening on %s with %d targets; re-attached to %d running deployments",
-            listen,
+            "listening on %s%s with %d targets; re-attached to %d running deployments",
+            listening,
+            " (sockets from systemd)" if server.activated else "",
             len(self.config.targets),
             attached,
         )
-        sdnotify.notify("READY=1", f"STATUS=Listening on {listen}")
+        self.supervisor = Supervisor(
+            self.store,
+            self.loop,
+            listening,
+            lambda: server.heartbeat,
+            lambda: self.systemd.connected,
+        )
+        self.runner.listeners.append(self.supervisor.refresh)
+        self.runner.start_listeners.append(self.supervisor.refresh)
+        self.supervisor.start()
+        sdnotify.notify("READY=1", f"STATUS={self.supervisor.line()}")
 
     async def _watch_bus(self) -> None:
         # Signals sent while disconnected are lost for good, so rather than
@@ -189,6 +196,13 @@ class Daemon:
 
     def reload(self) -> None:
         """Read the configuration again; keep the old one if the new one is bad."""
+        sdnotify.notify("RELOADING=1")
+        try:
+            self._reload()
+        finally:
+            sdnotify.notify("READY=1")
+
+    def _reload(self) -> None:
         try:
             fresh = configuration.load(self.config.path)
             secret = configuration.load_secret(fresh)
@@ -199,20 +213,24 @@ class Daemon:
         except DeploydError as error:
             log.error("reload refused: %s", error.message)
             return
-        for key in ("listen", "metrics_listen"):
-            if getattr(fresh.server, key) != getattr(self.config.server, key):
-                log.warning("a new %s takes effect only on restart", key)
+        if fresh.server.listen != self.config.server.listen and not (
+            self.server is not None and self.server.activated
+        ):
+            log.warning("a new listen address takes effect only on restart")
+        if fresh.server.metrics_listen != self.config.server.metrics_listen:
+            log.warning("a new metrics_listen takes effect only on restart")
         self.config, self.secret = fresh, secret
         log.info("configuration reloaded: %d targets", len(fresh.targets))
 
     def serve(self) -> None:
-        self.server.run()
+        assert self.server is not None
+        self.server.serve()
 
     def stop(self) -> None:
+        """Close everything; builds go on in their own units."""
         self._stopping = True
-        sdnotify.notify("STOPPING=1")
-        if self.server is not None:
-            self.server.close()
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.metrics is not None:
             self.metrics.stop()
         try:
@@ -227,16 +245,20 @@ class Daemon:
 def check_config(path: str) -> int:
     """Print ``ok`` or every problem; a missing secret is a warning only, since
     the file is often checked on another machine than the one it is for."""
+    # Run as the unit's ExecReload=, its lines go to the journal at their level.
+    error_mark, warning_mark = ("<3>", "<4>") if _stderr_is_journal() else ("", "")
     try:
         loaded = configuration.load(path)
     except configuration.ConfigError as error:
-        print("\n".join(error.problems), file=sys.stderr)
+        for problem in error.problems:
+            print(f"{error_mark}{problem}", file=sys.stderr)
         return 1
     try:
         configuration.load_secret(loaded)
     except DeploydError as error:
         print(
-            f"warning: {error.message}; the daemon will not start without it",
+            f"{warning_mark}warning: {error.message}; the daemon will not start "
+            "without it",
             file=sys.stderr,
         )
     print("ok")
@@ -270,17 +292,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon.stop()
         return 1
 
+    server = daemon.server
+    assert server is not None
+
     def on_term(signum: int, frame: object) -> None:
         log.info("stopping on %s", signal.Signals(signum).name)
-        raise SystemExit(0)
+        if daemon.supervisor is not None:
+            daemon.supervisor.stop_reporting()
+        sdnotify.notify("STOPPING=1", "STATUS=Stopping: finishing requests in flight")
+        server.stop()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, lambda signum, frame: daemon.reload())
+    signal.signal(signal.SIGHUP, lambda signum, frame: server.call_soon(daemon.reload))
     try:
         daemon.serve()
-    except SystemExit:
-        pass
     finally:
         daemon.stop()
     log.info("stopped")

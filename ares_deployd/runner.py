@@ -131,6 +131,16 @@ def build_properties(
         ("CollectMode", Variant("s", "inactive-or-failed")),
         ("NoNewPrivileges", Variant("b", True)),
         ("PrivateTmp", Variant("b", True)),
+        # What no compiler or package manager needs: the kernel's settings,
+        # modules and log, the control groups, the host name, set-uid files
+        # and a different execution domain.
+        ("ProtectKernelTunables", Variant("b", True)),
+        ("ProtectKernelModules", Variant("b", True)),
+        ("ProtectKernelLogs", Variant("b", True)),
+        ("ProtectControlGroups", Variant("b", True)),
+        ("ProtectHostname", Variant("b", True)),
+        ("RestrictSUIDSGID", Variant("b", True)),
+        ("LockPersonality", Variant("b", True)),
     ]
     if target.group:
         properties.append(("Group", Variant("s", target.group)))
@@ -226,9 +236,10 @@ class Runner:
         self.loop = loop
         self._ends: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        # Called on the loop thread when a deployment has started, and ended.
-        self.started_listeners: list[Callable[[Deployment], None]] = []
+        # Called on the loop: listeners with each deployment that has ended,
+        # start_listeners with each whose build unit has started.
         self.listeners: list[Callable[[Deployment], None]] = []
+        self.start_listeners: list[Callable[[Deployment], None]] = []
         systemd.on_properties(self._on_properties)
         systemd.on_unit_removed(self._on_removed)
 
@@ -364,7 +375,7 @@ class Runner:
             target.name,
             deployment.unit,
         )
-        for listener in self.started_listeners:
+        for listener in self.start_listeners:
             listener(deployment)
         self._spawn(deployment, self._follow(deployment, target))
 

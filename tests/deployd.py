@@ -49,7 +49,9 @@ class Deployd:
         )
         self.sandbox.write(
             f"/etc/systemd/system/{UNIT}.d/checkout.conf",
-            f"[Service]\nExecStart=\nExecStart={program} --log-level debug\n",
+            f"[Service]\nExecStart=\nExecStart={program} --log-level debug\n"
+            f"ExecReload=\nExecReload={program} --check-config\n"
+            "ExecReload=/bin/kill -HUP $MAINPID\n",
         )
         self.sandbox.write(SECRET, self.secret + "\n", mode=0o600)
         self.sandbox.systemctl("daemon-reload")
@@ -104,6 +106,17 @@ class Deployd:
         answer = self.post("/api/admin/deploy", json={"target": target})
         assert answer.status_code == 202, answer.text
         return answer.json()["id"]
+
+    def partial_post(self, body: bytes, sent: int) -> socket.socket:
+        """A deploy request whose body has arrived only up to ``sent`` bytes."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        head = (
+            "POST /api/admin/deploy HTTP/1.1\r\nHost: test\r\n"
+            f"X-Admin-Secret: {self.secret}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock.sendall(head + body[:sent])
+        return sock
 
     def wait(self, deployment_id: str, timeout: float = 60) -> dict[str, Any]:
         """The deployment once it has ended."""
