@@ -1,0 +1,538 @@
+"""What the configured services are doing: their units' state, health and ports.
+
+The state lives in memory and follows systemd's ``PropertiesChanged`` signals.
+systemd is asked directly only when the daemon starts, after systemd reloads,
+after the configuration changes and after a job this module ran; health URLs
+are checked and listening ports looked up in the background. A request reads
+only what is already here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from dbus_next.errors import DBusError
+
+from ares_deployd import sockets
+from ares_deployd.config import Config, Service
+from ares_deployd.errors import DeploydError
+from ares_deployd.runner import probe
+from ares_deployd.store import rfc3339
+from ares_deployd.systemd import (
+    SERVICE,
+    UNIT,
+    LoopThread,
+    Systemd,
+    dbus_failure,
+    unit_path,
+)
+
+log = logging.getLogger(__name__)
+
+RUNNING = "running"
+DEGRADED = "degraded"
+STOPPED = "stopped"
+
+PASSING = "passing"
+FAILING = "failing"
+UNKNOWN = "unknown"
+
+JOB_TIMEOUT = 120.0
+# Longest a health URL may take to answer, whatever the check interval.
+PROBE_TIMEOUT = 5.0
+# After a unit becomes active, when to look for its listening ports: a daemon
+# often binds its socket a moment after it has started.
+PORT_RETRIES = (0.0, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+VERBS = {"start": "Start", "stop": "Stop", "restart": "Restart"}
+
+# How systemd says a job ended, as a clause after "restart of ares.service".
+JOB_RESULTS = {
+    "failed": "failed",
+    "timeout": "timed out",
+    "canceled": "was cancelled by another job",
+    "dependency": "failed because a unit it needs failed",
+    "skipped": "was skipped",
+}
+
+
+def derive_status(active_state: str, health: str | None) -> str:
+    """``running``, ``degraded`` or ``stopped`` from a unit's state and health.
+
+    Inactive and failed units are stopped; active ones run unless their last
+    health check failed; every state in between (activating, automatic
+    restarts, reloading, deactivating) is degraded.
+    """
+    if active_state in ("inactive", "failed"):
+        return STOPPED
+    if active_state == "active":
+        return DEGRADED if health == FAILING else RUNNING
+    return DEGRADED
+
+
+@dataclass(frozen=True)
+class UnitState:
+    load_state: str = "unknown"
+    active_state: str = "inactive"
+    sub_state: str = "dead"
+    # StateChangeTimestamp, microseconds since the epoch; 0 when never.
+    since: int = 0
+    main_pid: int = 0
+    control_group: str = ""
+    result: str = ""
+
+
+@dataclass(frozen=True)
+class Health:
+    state: str
+    detail: str = ""
+    checked: float | None = None
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """One service as the API shows it, at one moment."""
+
+    service: Service
+    unit: UnitState
+    health: Health | None
+    ports: tuple[int, ...]
+
+    @property
+    def status(self) -> str:
+        return derive_status(
+            self.unit.active_state, self.health.state if self.health else None
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self.unit.main_pid or None
+
+    @property
+    def port(self) -> int | None:
+        if self.service.port is not None:
+            return self.service.port
+        return self.ports[0] if self.ports else None
+
+    def summary(self) -> dict[str, Any]:
+        """The fields ``GET /api/admin/services`` shows for each service."""
+        return {
+            "status": self.status,
+            "pid": self.pid,
+            "port": self.port,
+            "unit": self.service.unit,
+            "load_state": self.unit.load_state,
+            "active_state": self.unit.active_state,
+            "sub_state": self.unit.sub_state,
+            "since": rfc3339(self.unit.since / 1e6) if self.unit.since else None,
+            "health": self.health.state if self.health else None,
+        }
+
+    def detail(self) -> dict[str, Any]:
+        """The summary and what else is known, for one service."""
+        health = self.health
+        return {
+            "name": self.service.name,
+            **self.summary(),
+            "result": self.unit.result or None,
+            "listening": list(self.ports),
+            "health_url": self.service.health_url,
+            "health_detail": health.detail if health else None,
+            "health_checked_at": rfc3339(health.checked)
+            if health and health.checked
+            else None,
+        }
+
+
+class Monitor:
+    """Keeps the state of every configured service current; see the module."""
+
+    def __init__(
+        self, config: Callable[[], Config], systemd: Systemd, loop: LoopThread
+    ) -> None:
+        self._config = config
+        self.systemd = systemd
+        self.loop = loop
+        # All below belongs to the loop thread, except _views: HTTP threads
+        # read it, and it is only ever replaced whole.
+        self._services: dict[str, Service] = {}
+        self._units: dict[str, UnitState] = {}
+        self._unit_by_path: dict[str, set[str]] = {}
+        self._path_of: dict[str, str] = {}
+        # Signals seen per unit: a batch read from before a signal is stale.
+        self._signals: dict[str, int] = {}
+        # Activations per unit: a health check from before one is stale.
+        self._epochs: dict[str, int] = {}
+        self._health: dict[str, Health] = {}
+        self._ports: dict[str, tuple[int, ...]] = {}
+        self._port_tasks: dict[str, asyncio.Task[None]] = {}
+        self._checking: set[tuple[str, int]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._views: dict[str, ServiceView] = {}
+        systemd.on_properties(self._on_properties)
+        systemd.on_reload(self._on_reload)
+
+    # Called from HTTP threads.
+
+    def views(self) -> dict[str, ServiceView]:
+        """Every configured service, in the order of the configuration."""
+        return self._views
+
+    def view(self, name: str) -> ServiceView | None:
+        return self._views.get(name)
+
+    def control(self, name: str, verb: str) -> ServiceView:
+        """Start, stop or restart a service's unit; its state once the job ended.
+
+        Raises:
+            DeploydError: ``systemd_error`` (502) when systemd refuses the job,
+                ``job_failed`` (502) when it ends other than done,
+                ``job_timeout`` (504) when it has not ended in time.
+        """
+        return self.loop.run(self._control(name, verb), timeout=JOB_TIMEOUT + 30)
+
+    def reconfigure(self) -> None:
+        """Follow the services of a configuration loaded again."""
+        self.loop.submit(self._reconfigure())
+
+    # On the loop.
+
+    async def start(self) -> None:
+        """Read every unit's state and start the background checks."""
+        self._configure()
+        await self.refresh()
+        self._spawn(self._watch())
+
+    async def _reconfigure(self) -> None:
+        self._configure()
+        await self.refresh()
+        for name in self._services:
+            self._spawn(self._check(name))
+
+    def _configure(self) -> None:
+        self._services = dict(self._config().services)
+        units = {service.unit for service in self._services.values()}
+        for unit in units - set(self._units):
+            self._units[unit] = UnitState()
+            self._track(unit, unit_path(unit))
+        for unit in set(self._units) - units:
+            del self._units[unit]
+            self._ports.pop(unit, None)
+            task = self._port_tasks.pop(unit, None)
+            if task is not None:
+                task.cancel()
+        self._health = {
+            name: self._health.get(name, Health(UNKNOWN))
+            for name, service in self._services.items()
+            if service.health_url
+        }
+        self._publish()
+
+    def _track(self, unit: str, path: str) -> None:
+        """Map ``path`` to ``unit``; an alias shares the path of its unit."""
+        old = self._path_of.get(unit)
+        if old == path:
+            return
+        if old is not None:
+            self._unit_by_path.get(old, set()).discard(unit)
+        self._path_of[unit] = path
+        self._unit_by_path.setdefault(path, set()).add(unit)
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _publish(self) -> None:
+        self._views = {
+            name: ServiceView(
+                service,
+                self._units.get(service.unit, UnitState()),
+                self._health.get(name) if service.health_url else None,
+                self._ports.get(service.unit, ()),
+            )
+            for name, service in self._services.items()
+        }
+
+    def _on_properties(self, path: str, interface: str, changed: dict) -> None:
+        units = self._unit_by_path.get(path)
+        if not units:
+            return
+        for unit in list(units):
+            old = self._units.get(unit)
+            if old is None:
+                continue
+            self._signals[unit] = self._signals.get(unit, 0) + 1
+            if interface == UNIT:
+                new = replace(
+                    old,
+                    # A unit that sends signals exists, even if it did not before.
+                    load_state=changed.get(
+                        "LoadState",
+                        "loaded" if old.load_state == "not-found" else old.load_state,
+                    ),
+                    active_state=changed.get("ActiveState", old.active_state),
+                    sub_state=changed.get("SubState", old.sub_state),
+                    since=changed.get("StateChangeTimestamp", old.since),
+                )
+            elif interface == SERVICE:
+                new = replace(
+                    old,
+                    main_pid=changed.get("MainPID", old.main_pid),
+                    result=changed.get("Result", old.result),
+                )
+            else:
+                continue
+            self._apply(unit, old, new)
+
+    def _on_reload(self) -> Coroutine[Any, Any, None]:
+        # A reload may move a unit to another slice, and so another group.
+        for unit, state in self._units.items():
+            self._units[unit] = replace(state, control_group="")
+        return self.refresh()
+
+    def _apply(self, unit: str, old: UnitState, new: UnitState) -> None:
+        if new == old:
+            return
+        self._units[unit] = new
+        started = new.active_state == "active" and old.active_state != "active"
+        if started:
+            self._epochs[unit] = self._epochs.get(unit, 0) + 1
+            for name, service in self._services.items():
+                if service.unit == unit and service.health_url:
+                    self._health[name] = Health(UNKNOWN)
+                    self._spawn(self._check(name))
+        elif old.active_state == "active" and new.active_state != "active":
+            for name in self._health:
+                if self._services[name].unit == unit:
+                    self._health[name] = Health(UNKNOWN)
+        if new.active_state in ("inactive", "failed"):
+            self._ports.pop(unit, None)
+        elif started or new.main_pid != old.main_pid:
+            self._find_ports(unit)
+        self._publish()
+
+    async def refresh(self, units: Iterable[str] | None = None) -> None:
+        """Read the state of ``units`` (default: all) from systemd in one batch."""
+        names = sorted(self._units if units is None else set(units) & set(self._units))
+        if not names:
+            return
+        before = {unit: self._signals.get(unit, 0) for unit in names}
+        try:
+            rows = await self.systemd.list_units_by_names(names)
+        except (DBusError, DeploydError) as error:
+            log.warning("cannot read the state of the services' units: %s", error)
+            return
+
+        details = []
+        for row in rows:
+            unit, load_state, active_state, sub_state, path = (
+                row[0],
+                row[2],
+                row[3],
+                row[4],
+                row[6],
+            )
+            if unit not in self._units:
+                continue
+            self._track(unit, path)
+            if self._signals.get(unit, 0) != before.get(unit):
+                continue
+            old = self._units[unit]
+            self._apply(
+                unit,
+                old,
+                replace(
+                    old,
+                    load_state=load_state,
+                    active_state=active_state,
+                    sub_state=sub_state,
+                    main_pid=0
+                    if active_state in ("inactive", "failed")
+                    else old.main_pid,
+                ),
+            )
+            if load_state != "not-found":
+                details.append(self._read_details(unit, path, before[unit]))
+        await asyncio.gather(*details)
+
+    async def _read_details(self, unit: str, path: str, signals: int) -> None:
+        """What ListUnitsByNames leaves out, one Get per property."""
+        wanted = [(UNIT, "StateChangeTimestamp")]
+        state = self._units[unit]
+        if unit.endswith(".service"):
+            wanted += [(SERVICE, "MainPID"), (SERVICE, "Result")]
+            if state.active_state != "inactive" and not state.control_group:
+                wanted.append((SERVICE, "ControlGroup"))
+        try:
+            values = await asyncio.gather(
+                *(self.systemd.get(path, interface, name) for interface, name in wanted)
+            )
+        except (DBusError, DeploydError) as error:
+            log.debug("cannot read the properties of %s: %s", unit, error)
+            return
+        found = {name: value for (_, name), value in zip(wanted, values, strict=True)}
+
+        old = self._units.get(unit)
+        if old is None:
+            return
+        new = replace(old, control_group=found.get("ControlGroup", old.control_group))
+        if self._signals.get(unit, 0) == signals:
+            new = replace(
+                new,
+                since=found["StateChangeTimestamp"],
+                main_pid=found.get("MainPID", old.main_pid),
+                result=found.get("Result", old.result),
+            )
+        self._apply(unit, old, new)
+        if new.active_state == "active" and unit not in self._port_tasks:
+            self._find_ports(unit)
+
+    # Ports.
+
+    def _find_ports(self, unit: str, delays: Iterable[float] = PORT_RETRIES) -> None:
+        """Look for the ports of ``unit`` in the background, if a service needs them."""
+        if not unit.endswith(".service") or not any(
+            service.unit == unit and service.port is None
+            for service in self._services.values()
+        ):
+            return
+        running = self._port_tasks.get(unit)
+        if running is not None:
+            running.cancel()
+        task = self._spawn(self._look_for_ports(unit, delays))
+        self._port_tasks[unit] = task
+        task.add_done_callback(lambda done: self._forget_port_task(unit, done))
+
+    def _forget_port_task(self, unit: str, task: asyncio.Task[Any]) -> None:
+        if self._port_tasks.get(unit) is task:
+            del self._port_tasks[unit]
+
+    async def _look_for_ports(self, unit: str, delays: Iterable[float]) -> None:
+        for delay in delays:
+            await asyncio.sleep(delay)
+            state = self._units.get(unit)
+            if state is None or state.active_state != "active":
+                return
+            if not state.control_group:
+                await self._read_control_group(unit)
+                state = self._units.get(unit) or state
+            ports = tuple(
+                await asyncio.to_thread(
+                    sockets.unit_ports, state.control_group, state.main_pid
+                )
+            )
+            current = self._units.get(unit)
+            if current is None or current.active_state != "active":
+                return
+            if ports != self._ports.get(unit, ()):
+                self._ports[unit] = ports
+                self._publish()
+            if ports:
+                return
+
+    async def _read_control_group(self, unit: str) -> None:
+        path = self._path_of.get(unit, unit_path(unit))
+        try:
+            group = await self.systemd.get(path, SERVICE, "ControlGroup")
+        except (DBusError, DeploydError) as error:
+            log.debug("cannot read the control group of %s: %s", unit, error)
+            return
+        old = self._units.get(unit)
+        if old is not None:
+            self._apply(unit, old, replace(old, control_group=group))
+
+    # Health.
+
+    async def _watch(self) -> None:
+        """Every health interval: check each health URL, look again for ports."""
+        while True:
+            checks = [self._check(name) for name in self._services]
+            await asyncio.gather(*checks)
+            # Ports change without the unit's state changing.
+            for unit, state in self._units.items():
+                if state.active_state == "active" and unit not in self._port_tasks:
+                    self._find_ports(unit, delays=(0.0,))
+            await asyncio.sleep(self._config().server.health_interval)
+
+    async def _check(self, name: str) -> None:
+        service = self._services.get(name)
+        if service is None or service.health_url is None:
+            return
+        state = self._units.get(service.unit)
+        if state is None or state.active_state != "active":
+            return
+        epoch = self._epochs.get(service.unit, 0)
+        if (name, epoch) in self._checking:
+            return
+        timeout = min(PROBE_TIMEOUT, float(self._config().server.health_interval))
+
+        self._checking.add((name, epoch))
+        try:
+            code, detail = await asyncio.to_thread(probe, service.health_url, timeout)
+        finally:
+            self._checking.discard((name, epoch))
+
+        if (
+            self._services.get(name) is not service
+            or self._epochs.get(service.unit, 0) != epoch
+        ):
+            return
+        passing = code is not None and 200 <= code < 300
+        previous = self._health.get(name)
+        self._health[name] = Health(
+            PASSING if passing else FAILING, detail, time.time()
+        )
+        if not passing and (previous is None or previous.state != FAILING):
+            log.warning(
+                "service %s is degraded: health check %s %s",
+                name,
+                service.health_url,
+                detail,
+            )
+        elif passing and previous is not None and previous.state == FAILING:
+            log.info("service %s passes its health check again", name)
+        self._publish()
+
+    # Jobs.
+
+    async def _control(self, name: str, verb: str) -> ServiceView:
+        service = self._services.get(name)
+        if service is None:
+            raise DeploydError(404, "not_found", f"No service named {name!r}")
+        try:
+            job = await self.systemd.unit_job(VERBS[verb], service.unit)
+        except DBusError as error:
+            raise dbus_failure(error, f"{verb} {service.unit}") from None
+        try:
+            result = await self.systemd.wait_job(job, JOB_TIMEOUT)
+        except TimeoutError:
+            raise DeploydError(
+                504,
+                "job_timeout",
+                f"The {verb} of {service.unit} has not ended within "
+                f"{JOB_TIMEOUT:.0f}s; it goes on",
+            ) from None
+
+        await self.refresh([service.unit])
+        view = self._views[name]
+        if result != "done":
+            reason = view.unit.result if view.unit.result not in ("", "success") else ""
+            happened = JOB_RESULTS.get(result, f"ended: {result}")
+            raise DeploydError(
+                502,
+                "job_failed",
+                f"The {verb} of {service.unit} {happened}"
+                + (f" ({reason})" if reason else ""),
+                result=result,
+                reason=reason or None,
+                service=view.detail(),
+            )
+        log.info("%s of %s done on request", verb, service.unit)
+        return view
