@@ -48,6 +48,11 @@ PROBE_TIMEOUT = 5.0
 # After a unit becomes active, when to look for its listening ports: a daemon
 # often binds its socket a moment after it has started.
 PORT_RETRIES = (0.0, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+# A service may not answer its health URL the moment its unit is active: in
+# this many seconds after that, a failed check leaves its health unknown, and
+# checks come at these offsets rather than at the interval.
+STARTUP_GRACE = 5.0
+STARTUP_CHECKS = (0.0, 0.5, 1.0, 2.0, 4.0, 6.0)
 
 VERBS = {"start": "Start", "stop": "Stop", "restart": "Restart"}
 
@@ -172,6 +177,7 @@ class Monitor:
         self._ports: dict[str, tuple[int, ...]] = {}
         self._port_tasks: dict[str, asyncio.Task[None]] = {}
         self._checking: set[tuple[str, int]] = set()
+        self._started_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._views: dict[str, ServiceView] = {}
         systemd.on_properties(self._on_properties)
@@ -304,10 +310,11 @@ class Monitor:
         started = new.active_state == "active" and old.active_state != "active"
         if started:
             self._epochs[unit] = self._epochs.get(unit, 0) + 1
+            self._started_at[unit] = asyncio.get_running_loop().time()
             for name, service in self._services.items():
                 if service.unit == unit and service.health_url:
                     self._health[name] = Health(UNKNOWN)
-                    self._spawn(self._check(name))
+                    self._spawn(self._check_while_starting(name))
         elif old.active_state == "active" and new.active_state != "active":
             for name in self._health:
                 if self._services[name].unit == unit:
@@ -461,6 +468,16 @@ class Monitor:
                     self._find_ports(unit, delays=(0.0,))
             await asyncio.sleep(self._config().server.health_interval)
 
+    async def _check_while_starting(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for offset in STARTUP_CHECKS:
+            await asyncio.sleep(max(0.0, started + offset - loop.time()))
+            health = self._health.get(name)
+            if health is None or health.state == PASSING:
+                return
+            await self._check(name)
+
     async def _check(self, name: str) -> None:
         service = self._services.get(name)
         if service is None or service.health_url is None:
@@ -486,6 +503,14 @@ class Monitor:
             return
         passing = code is not None and 200 <= code < 300
         previous = self._health.get(name)
+        starting = (
+            asyncio.get_running_loop().time() - self._started_at.get(service.unit, 0.0)
+            < STARTUP_GRACE
+        )
+        if not passing and starting and previous and previous.state == UNKNOWN:
+            self._health[name] = Health(UNKNOWN, f"starting: {detail}", time.time())
+            self._publish()
+            return
         self._health[name] = Health(
             PASSING if passing else FAILING, detail, time.time()
         )
