@@ -16,9 +16,11 @@ import waitress
 
 from ares_deployd import __version__, sdnotify
 from ares_deployd import config as configuration
-from ares_deployd.api import deploys
+from ares_deployd.api import deploys, services
 from ares_deployd.api.app import create_app
 from ares_deployd.errors import DeploydError
+from ares_deployd.journal import Journal
+from ares_deployd.monitor import Monitor
 from ares_deployd.runner import Runner
 from ares_deployd.store import Store
 from ares_deployd.systemd import LoopThread, Systemd
@@ -114,6 +116,7 @@ class Daemon:
         self.loop = LoopThread()
         self.systemd = Systemd(os.environ.get("ARES_DEPLOYD_BUS_ADDRESS"))
         self.runner = Runner(lambda: self.config, self.store, self.systemd, self.loop)
+        self.monitor = Monitor(lambda: self.config, self.systemd, self.loop)
         self.server: Any = None
 
     def start(self) -> None:
@@ -121,12 +124,16 @@ class Daemon:
         self.loop.run(self.systemd.connect(), timeout=30)
         self.runner.prepare()
         attached = self.loop.run(self.runner.reattach(), timeout=30)
+        self.loop.run(self.monitor.start(), timeout=30)
         routes = {
             "/api/admin/deploy": deploys.Deploy(self.runner),
             "/api/admin/deploy/{id}": deploys.DeploymentResource(self.runner),
             "/api/admin/deploy/{id}/cancel": deploys.Cancel(self.runner),
             "/api/admin/deploy/{id}/log": deploys.Log(self.runner),
             "/api/admin/deploys": deploys.DeployList(self.runner),
+            **services.routes(
+                lambda: self.config, self.monitor, self.runner, Journal()
+            ),
         }
         app = create_app(lambda: self.secret, routes)
         listen = self.config.server.listen
@@ -162,6 +169,7 @@ class Daemon:
         if fresh.server.listen != self.config.server.listen:
             log.warning("a new listen address takes effect only on restart")
         self.config, self.secret = fresh, secret
+        self.monitor.reconfigure()
         log.info("configuration reloaded: %d targets", len(fresh.targets))
 
     def serve(self) -> None:
