@@ -20,7 +20,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -50,7 +50,10 @@ PRINT_CHAR_THRESHOLD = 300
 REALTIME_MAX = 253402214399999999
 
 _CURSOR = re.compile(r"[a-z]=[0-9a-f]{1,64}(;[a-z]=[0-9a-f]{1,64}){0,15}")
-_CSI_BODY = frozenset(b"0123456789;m\0")
+_TRAILING_RETURNS = re.compile(rb"\r+(?=\n|\Z)")
+# What journalctl strips, and in group 1 what it skips over unchanged: ESC and
+# the byte after it, when that opens neither a colour nor a hyperlink sequence.
+_STRIPPED = re.compile(rb"(\x1b[^\[\]])|\x1b\[[0-9;\x00]*m|\x1b\][ -~]*\x07")
 # What remains of escape sequences in a message that is not printable: whole
 # CSI, OSC and other ESC sequences, then a lone ESC.
 _SEQUENCES = re.compile(
@@ -91,9 +94,14 @@ def _printable(value: Any) -> str | None:
     The JSON output holds a value as a string exactly when it is printable
     UTF-8, so only strings under the length limit qualify.
     """
-    if isinstance(value, str) and len(value.encode()) < PRINT_CHAR_THRESHOLD:
+    if isinstance(value, str) and _size(value) < PRINT_CHAR_THRESHOLD:
         return value
     return None
+
+
+def _size(text: str) -> int:
+    """Length in bytes, as journalctl counts widths."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 _stamps: dict[int, str] = {}
@@ -137,64 +145,14 @@ def strip_escapes(raw: bytes) -> bytes:
 
     Tabs become eight spaces; colour sequences (``ESC [`` digits and ``;`` up to
     ``m``) and hyperlink sequences (``ESC ]`` up to BEL) go; carriage returns go
-    when only more of them or a newline follow. Anything else stays, including
-    a sequence that is cut short, as systemd 252 does.
+    when only more of them and a newline or the end follow. Anything else stays,
+    including a sequence cut short, as systemd 252 does.
     """
     if b"\x1b" not in raw and b"\t" not in raw and b"\r" not in raw:
         return raw
-    out = bytearray()
-    size = len(raw)
-    returns = 0
-    i = 0
-    while i < size:
-        byte = raw[i]
-        if byte == 0x0D:
-            returns += 1
-            i += 1
-            continue
-        if byte == 0x0A:
-            returns = 0
-        out += b"\r" * returns
-        returns = 0
-        if byte == 0x09:
-            out += b"        "
-            i += 1
-            continue
-        if byte != 0x1B:
-            out.append(byte)
-            i += 1
-            continue
-        if i + 1 >= size:
-            out.append(byte)
-            break
-        kind = raw[i + 1]
-        end = _sequence_end(raw, i + 2, kind)
-        if end is None:
-            # Not a sequence it strips: ESC and the byte after it stay as they are.
-            out += raw[i : i + 2]
-            i += 2
-        else:
-            i = end
-    return bytes(out)
-
-
-def _sequence_end(raw: bytes, start: int, kind: int) -> int | None:
-    """Where a colour or hyperlink sequence opened by ``kind`` ends, or None."""
-    if kind == 0x5B:  # "[": colour, digits and ";" up to "m"
-        for j in range(start, len(raw)):
-            if raw[j] == 0x6D:
-                return j + 1
-            if raw[j] not in _CSI_BODY:
-                return None
-        return None
-    if kind == 0x5D:  # "]": operating system command up to BEL
-        for j in range(start, len(raw)):
-            if raw[j] == 0x07:
-                return j + 1
-            if raw[j] < 0x20 or raw[j] > 0x7E:
-                return None
-        return None
-    return None
+    raw = _TRAILING_RETURNS.sub(b"", raw)
+    raw = _STRIPPED.sub(rb"\1", raw)
+    return raw.replace(b"\t", b"        ")
 
 
 def printable_text(raw: bytes) -> str | None:
@@ -243,13 +201,13 @@ def render(entry: dict[str, Any]) -> str | None:
     host = _printable(_last(entry.get("_HOSTNAME")))
     if host is not None:
         parts.append(f" {host}")
-        width += len(host.encode()) + 1
+        width += _size(host) + 1
     name = _printable(_last(entry.get("SYSLOG_IDENTIFIER")))
     if name is None:
         name = _printable(_last(entry.get("_COMM")))
     if name is not None:
         parts.append(f" {name}")
-        width += len(name.encode()) + 1
+        width += _size(name) + 1
     else:
         # journalctl does not count this word when it indents further lines.
         parts.append(" unknown")
@@ -258,7 +216,7 @@ def render(entry: dict[str, Any]) -> str | None:
         pid = _printable(_last(entry.get("SYSLOG_PID")))
     if pid is not None:
         parts.append(f"[{pid}]")
-        width += len(pid.encode()) + 2
+        width += _size(pid) + 2
     parts.append(": ")
     head = "".join(parts)
 
@@ -400,19 +358,14 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
 
 def page(output: bytes, after: str | None = None) -> Page:
     """The lines of journalctl's JSON output, and the cursor after the last."""
-    return _page(output.splitlines(), after)
-
-
-def _page(raw_lines: Iterable[bytes], after: str | None) -> Page:
-    lines = []
-    cursor = after
-    for raw in raw_lines:
-        if not raw:
-            continue
-        line, cursor = parse_line(raw)
-        if line is not None:
-            lines.append(line)
-    return Page(lines, cursor)
+    output = output.strip()
+    if not output:
+        return Page([], after)
+    # One object a line, and no raw newline inside one: parsed as one array,
+    # which is more than twice as fast as line by line.
+    entries = json.loads(b"[" + output.replace(b"\n", b",") + b"]")
+    lines = [line for line in map(render, entries) if line is not None]
+    return Page(lines, entries[-1]["__CURSOR"])
 
 
 class Journal:
@@ -440,7 +393,7 @@ class Journal:
         output = collect(argv, self.timeout)
         try:
             return page(output, after)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise DeploydError(
                 502, "journal_failed", "journalctl printed something not JSON"
             ) from None

@@ -337,7 +337,7 @@ class Monitor:
             log.warning("cannot read the state of the services' units: %s", error)
             return
 
-        details = []
+        loaded = []
         for row in rows:
             unit, load_state, active_state, sub_state, path = (
                 row[0],
@@ -366,8 +366,11 @@ class Monitor:
                 ),
             )
             if load_state != "not-found":
-                details.append(self._read_details(unit, path, before[unit]))
-        await asyncio.gather(*details)
+                loaded.append((unit, path))
+        # One unit at a time: dbus-next drops the connection when a burst of
+        # calls fills the socket's send buffer.
+        for unit, path in loaded:
+            await self._read_details(unit, path, before[unit])
 
     async def _read_details(self, unit: str, path: str, signals: int) -> None:
         """What ListUnitsByNames leaves out, one Get per property."""
