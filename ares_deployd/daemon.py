@@ -180,6 +180,10 @@ class Daemon:
         if self.server is not None:
             self.server.close()
         try:
+            self.monitor.stop()
+        except Exception:
+            log.debug("stopping the service monitor failed", exc_info=True)
+        try:
             self.systemd.disconnect()
         except Exception:
             log.debug("disconnecting from the bus failed", exc_info=True)

@@ -10,6 +10,7 @@ only what is already here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -45,14 +46,18 @@ UNKNOWN = "unknown"
 JOB_TIMEOUT = 120.0
 # Longest a health URL may take to answer, whatever the check interval.
 PROBE_TIMEOUT = 5.0
-# After a unit becomes active, when to look for its listening ports: a daemon
-# often binds its socket a moment after it has started.
-PORT_RETRIES = (0.0, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+# After a unit becomes active, the pauses between looks for its listening
+# ports while it has none: a daemon often binds a moment after it started.
+# Then it is looked at once every health interval.
+PORT_RETRIES = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 # A service may not answer its health URL the moment its unit is active: in
 # this many seconds after that, a failed check leaves its health unknown, and
 # checks come at these offsets rather than at the interval.
 STARTUP_GRACE = 5.0
 STARTUP_CHECKS = (0.0, 0.5, 1.0, 2.0, 4.0, 6.0)
+
+# Property reads in flight on the bus at once.
+CALLS_AT_ONCE = 4
 
 VERBS = {"start": "Start", "stop": "Stop", "restart": "Restart"}
 
@@ -175,9 +180,13 @@ class Monitor:
         self._epochs: dict[str, int] = {}
         self._health: dict[str, Health] = {}
         self._ports: dict[str, tuple[int, ...]] = {}
-        self._port_tasks: dict[str, asyncio.Task[None]] = {}
+        # When each unit's ports are next looked for, and how many looks found
+        # none since it became active.
+        self._port_due: dict[str, tuple[float, int]] = {}
+        self._port_wake: asyncio.Event | None = None
         self._checking: set[tuple[str, int]] = set()
         self._started_at: dict[str, float] = {}
+        self._calls: asyncio.Semaphore | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._views: dict[str, ServiceView] = {}
         systemd.on_properties(self._on_properties)
@@ -206,13 +215,33 @@ class Monitor:
         """Follow the services of a configuration loaded again."""
         self.loop.submit(self._reconfigure())
 
+    def stop(self) -> None:
+        """End the background checks."""
+        self.loop.run(self._stop(), timeout=10)
+
     # On the loop.
+
+    async def _get(self, path: str, interface: str, name: str) -> Any:
+        # dbus-next drops the connection when a burst of calls fills the
+        # socket's send buffer: a few at a time.
+        if self._calls is None:
+            self._calls = asyncio.Semaphore(CALLS_AT_ONCE)
+        async with self._calls:
+            return await self.systemd.get(path, interface, name)
 
     async def start(self) -> None:
         """Read every unit's state and start the background checks."""
+        self._port_wake = asyncio.Event()
         self._configure()
         await self.refresh()
         self._spawn(self._watch())
+        self._spawn(self._watch_ports())
+
+    async def _stop(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _reconfigure(self) -> None:
         self._configure()
@@ -229,14 +258,15 @@ class Monitor:
         for unit in set(self._units) - units:
             del self._units[unit]
             self._ports.pop(unit, None)
-            task = self._port_tasks.pop(unit, None)
-            if task is not None:
-                task.cancel()
+            self._port_due.pop(unit, None)
         self._health = {
             name: self._health.get(name, Health(UNKNOWN))
             for name, service in self._services.items()
             if service.health_url
         }
+        for unit, state in self._units.items():
+            if state.active_state == "active":
+                self._want_ports(unit)
         self._publish()
 
     def _track(self, unit: str, path: str) -> None:
@@ -297,11 +327,11 @@ class Monitor:
                 continue
             self._apply(unit, old, new)
 
-    def _on_reload(self) -> Coroutine[Any, Any, None]:
+    def _on_reload(self) -> None:
         # A reload may move a unit to another slice, and so another group.
         for unit, state in self._units.items():
             self._units[unit] = replace(state, control_group="")
-        return self.refresh()
+        self._spawn(self.refresh())
 
     def _apply(self, unit: str, old: UnitState, new: UnitState) -> None:
         if new == old:
@@ -319,10 +349,11 @@ class Monitor:
             for name in self._health:
                 if self._services[name].unit == unit:
                     self._health[name] = Health(UNKNOWN)
-        if new.active_state in ("inactive", "failed"):
+        if new.active_state != "active":
             self._ports.pop(unit, None)
+            self._port_due.pop(unit, None)
         elif started or new.main_pid != old.main_pid:
-            self._find_ports(unit)
+            self._want_ports(unit)
         self._publish()
 
     async def refresh(self, units: Iterable[str] | None = None) -> None:
@@ -367,10 +398,9 @@ class Monitor:
             )
             if load_state != "not-found":
                 loaded.append((unit, path))
-        # One unit at a time: dbus-next drops the connection when a burst of
-        # calls fills the socket's send buffer.
-        for unit, path in loaded:
-            await self._read_details(unit, path, before[unit])
+        await asyncio.gather(
+            *(self._read_details(unit, path, before[unit]) for unit, path in loaded)
+        )
 
     async def _read_details(self, unit: str, path: str, signals: int) -> None:
         """What ListUnitsByNames leaves out, one Get per property."""
@@ -382,7 +412,7 @@ class Monitor:
                 wanted.append((SERVICE, "ControlGroup"))
         try:
             values = await asyncio.gather(
-                *(self.systemd.get(path, interface, name) for interface, name in wanted)
+                *(self._get(path, interface, name) for interface, name in wanted)
             )
         except (DBusError, DeploydError) as error:
             log.debug("cannot read the properties of %s: %s", unit, error)
@@ -401,56 +431,73 @@ class Monitor:
                 result=found.get("Result", old.result),
             )
         self._apply(unit, old, new)
-        if new.active_state == "active" and unit not in self._port_tasks:
-            self._find_ports(unit)
 
     # Ports.
 
-    def _find_ports(self, unit: str, delays: Iterable[float] = PORT_RETRIES) -> None:
-        """Look for the ports of ``unit`` in the background, if a service needs them."""
+    def _want_ports(self, unit: str) -> None:
+        """Look for the ports of ``unit`` soon, if a service needs them."""
         if not unit.endswith(".service") or not any(
             service.unit == unit and service.port is None
             for service in self._services.values()
         ):
             return
-        running = self._port_tasks.get(unit)
-        if running is not None:
-            running.cancel()
-        task = self._spawn(self._look_for_ports(unit, delays))
-        self._port_tasks[unit] = task
-        task.add_done_callback(lambda done: self._forget_port_task(unit, done))
+        self._port_due[unit] = (self.loop.loop.time(), 0)
+        if self._port_wake is not None:
+            self._port_wake.set()
 
-    def _forget_port_task(self, unit: str, task: asyncio.Task[Any]) -> None:
-        if self._port_tasks.get(unit) is task:
-            del self._port_tasks[unit]
-
-    async def _look_for_ports(self, unit: str, delays: Iterable[float]) -> None:
-        for delay in delays:
-            await asyncio.sleep(delay)
-            state = self._units.get(unit)
-            if state is None or state.active_state != "active":
-                return
-            if not state.control_group:
-                await self._read_control_group(unit)
-                state = self._units.get(unit) or state
-            ports = tuple(
-                await asyncio.to_thread(
-                    sockets.unit_ports, state.control_group, state.main_pid
-                )
+    async def _watch_ports(self) -> None:
+        """Look for the listening ports of the units that are due, all at once."""
+        assert self._port_wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            due = {unit: at for unit, at in self._port_due.items() if at[0] <= now}
+            for unit in due:
+                state = self._units.get(unit)
+                if state is not None and not state.control_group:
+                    await self._read_control_group(unit)
+            looked = {
+                unit: (state.control_group, state.main_pid)
+                for unit in due
+                if (state := self._units.get(unit)) and state.active_state == "active"
+            }
+            found = (
+                await asyncio.to_thread(sockets.unit_ports, looked) if looked else {}
             )
-            current = self._units.get(unit)
-            if current is None or current.active_state != "active":
-                return
-            if ports != self._ports.get(unit, ()):
-                self._ports[unit] = ports
+
+            interval = float(self._config().server.health_interval)
+            changed = False
+            for unit, at in due.items():
+                # Asked for again meanwhile, or gone: that request stands.
+                if self._port_due.get(unit) != at:
+                    continue
+                if unit not in found:
+                    del self._port_due[unit]
+                    continue
+                ports = found[unit]
+                misses = 0 if ports else at[1] + 1
+                pause = (
+                    PORT_RETRIES[misses - 1]
+                    if 0 < misses <= len(PORT_RETRIES)
+                    else interval
+                )
+                self._port_due[unit] = (loop.time() + pause, misses)
+                if tuple(ports) != self._ports.get(unit, ()):
+                    self._ports[unit] = tuple(ports)
+                    changed = True
+            if changed:
                 self._publish()
-            if ports:
-                return
+
+            self._port_wake.clear()
+            upcoming = [when for when, _ in self._port_due.values()]
+            timeout = max(0.0, min(upcoming) - loop.time()) if upcoming else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._port_wake.wait(), timeout)
 
     async def _read_control_group(self, unit: str) -> None:
         path = self._path_of.get(unit, unit_path(unit))
         try:
-            group = await self.systemd.get(path, SERVICE, "ControlGroup")
+            group = await self._get(path, SERVICE, "ControlGroup")
         except (DBusError, DeploydError) as error:
             log.debug("cannot read the control group of %s: %s", unit, error)
             return
@@ -461,14 +508,9 @@ class Monitor:
     # Health.
 
     async def _watch(self) -> None:
-        """Every health interval: check each health URL, look again for ports."""
+        """Check each health URL, every health interval."""
         while True:
-            checks = [self._check(name) for name in self._services]
-            await asyncio.gather(*checks)
-            # Ports change without the unit's state changing.
-            for unit, state in self._units.items():
-                if state.active_state == "active" and unit not in self._port_tasks:
-                    self._find_ports(unit, delays=(0.0,))
+            await asyncio.gather(*(self._check(name) for name in self._services))
             await asyncio.sleep(self._config().server.health_interval)
 
     async def _check_while_starting(self, name: str) -> None:

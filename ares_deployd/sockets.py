@@ -9,7 +9,6 @@ kernel's socket tables of each process's network namespace, read in
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 # The state column of a socket table: 0A is LISTEN.
@@ -55,15 +54,14 @@ def socket_inodes(pid: int, proc: Path = Path("/proc")) -> set[str]:
     return inodes
 
 
-def listening_in_table(table: str, inodes: set[str]) -> set[int]:
-    """Ports of the sockets in ``inodes`` that a socket table shows listening."""
-    ports = set()
+def listening_in_table(table: str) -> dict[str, int]:
+    """The listening sockets of a socket table: port by socket inode."""
+    listening = {}
     for row in table.splitlines()[1:]:
         fields = row.split()
-        if len(fields) < 10 or fields[3] != LISTEN or fields[9] not in inodes:
-            continue
-        ports.add(int(fields[1].rpartition(":")[2], 16))
-    return ports
+        if len(fields) >= 10 and fields[3] == LISTEN:
+            listening[fields[9]] = int(fields[1].rpartition(":")[2], 16)
+    return listening
 
 
 def _namespace(pid: int, proc: Path) -> int | None:
@@ -73,33 +71,46 @@ def _namespace(pid: int, proc: Path) -> int | None:
         return None
 
 
-def listening_ports(pids: Iterable[int], proc: Path = Path("/proc")) -> list[int]:
-    """The TCP ports, IPv4 or IPv6, that any of ``pids`` listens on, lowest first."""
-    inodes: set[str] = set()
+def listening_ports(
+    groups: dict[str, list[int]], proc: Path = Path("/proc")
+) -> dict[str, list[int]]:
+    """For each group of processes, the TCP ports (IPv4 or IPv6) it listens on.
+
+    Each network namespace's tables are read once for all groups: reading one
+    walks every socket of the namespace, and costs milliseconds on a busy host.
+    """
+    held: dict[str, set[str]] = {}
     # One process per network namespace is enough to read its tables.
     readers: dict[int | None, int] = {}
-    for pid in pids:
-        held = socket_inodes(pid, proc)
-        if held:
-            inodes |= held
-            readers.setdefault(_namespace(pid, proc), pid)
+    for key, pids in groups.items():
+        held[key] = set()
+        for pid in pids:
+            inodes = socket_inodes(pid, proc)
+            if inodes:
+                held[key] |= inodes
+                readers.setdefault(_namespace(pid, proc), pid)
 
-    ports: set[int] = set()
+    listening: dict[str, int] = {}
     for pid in readers.values():
         for name in ("tcp", "tcp6"):
             try:
                 table = (proc / str(pid) / "net" / name).read_text()
             except OSError:
                 continue
-            ports |= listening_in_table(table, inodes)
-    return sorted(ports)
+            listening.update(listening_in_table(table))
+
+    return {
+        key: sorted({listening[inode] for inode in inodes if inode in listening})
+        for key, inodes in held.items()
+    }
 
 
-def unit_ports(control_group: str, main_pid: int = 0) -> list[int]:
-    """The ports a unit listens on, from its ``ControlGroup`` property."""
-    pids: list[int] = []
-    if control_group:
-        pids = cgroup_pids(cgroup_root() / control_group.lstrip("/"))
-    if not pids and main_pid:
-        pids = [main_pid]
-    return listening_ports(pids)
+def unit_ports(units: dict[str, tuple[str, int]]) -> dict[str, list[int]]:
+    """For each unit, the ports its processes listen on, from its
+    ``ControlGroup`` property, or its main process when that is unknown."""
+    root = cgroup_root()
+    groups = {}
+    for unit, (control_group, main_pid) in units.items():
+        pids = cgroup_pids(root / control_group.lstrip("/")) if control_group else []
+        groups[unit] = pids or ([main_pid] if main_pid else [])
+    return listening_ports(groups)

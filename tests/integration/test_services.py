@@ -288,6 +288,19 @@ def test_service_restart_while_its_deployment_runs_is_409(daemon: Deployd) -> No
     assert other.status_code == 200
 
 
+def hit(port: int, path: str) -> None:
+    """GET a demo server's page, once it listens: it logs one line a request."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            requests.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+            return
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def logs(daemon: Deployd, name: str, **params: Any) -> dict[str, Any]:
     answer = daemon.get(f"/api/admin/services/{name}/logs", params=params)
     assert answer.status_code == 200, answer.text
@@ -331,7 +344,7 @@ def test_logs_lines_takes_the_newest(daemon: Deployd) -> None:
 
 def test_logs_default_is_a_hundred_lines(daemon: Deployd) -> None:
     for n in range(110):
-        requests.get(f"http://127.0.0.1:{FIXED_PORT}/count-{n}", timeout=5)
+        hit(FIXED_PORT, f"/count-{n}")
     wait_for(
         lambda: journalctl(daemon, "-u", "svc-fixed.service", "-n", "1"),
         lambda last: last and "/count-109 " in last[0],
@@ -347,7 +360,7 @@ def test_logs_after_cursor_continues_without_loss_or_repeat(daemon: Deployd) -> 
     first = logs(daemon, "fixed", lines=1)
     start = first["cursor"]
     for n in range(7):
-        requests.get(f"http://127.0.0.1:{FIXED_PORT}/probe-{n}", timeout=5)
+        hit(FIXED_PORT, f"/probe-{n}")
     wait_for(
         lambda: journalctl(daemon, "-u", "svc-fixed.service", "-n", "1"),
         lambda last: last and "/probe-6 " in last[0],
