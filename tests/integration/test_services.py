@@ -83,6 +83,9 @@ unit = "svc-crashy.service"
 [services.ghost]
 unit = "svc-ghost.service"
 
+[services.late]
+unit = "svc-late.service"
+
 [targets.webdeploy]
 working_directory = "{WORK}"
 user = "root"
@@ -151,7 +154,7 @@ def test_services_list_shows_every_configured_service(daemon: Deployd) -> None:
         lambda: services(daemon), lambda body: body["web"]["port"] is not None
     )
 
-    assert list(listed) == ["web", "fixed", "admin", "crashy", "ghost"]
+    assert list(listed) == ["web", "fixed", "admin", "crashy", "ghost", "late"]
     assert listed["web"]["status"] in ("running", "degraded")
     assert listed["web"]["pid"] == main_pid(daemon, "svc-web.service")
     assert listed["fixed"] == {
@@ -469,3 +472,54 @@ def test_logs_bad_parameters_are_400(daemon: Deployd, params, code: str) -> None
 
     assert answer.status_code == 400
     assert answer.json()["error"] == code
+
+
+def test_service_unit_created_later_is_seen_after_daemon_reload(
+    daemon: Deployd,
+) -> None:
+    sandbox = daemon.sandbox
+    before = service(daemon, "late")
+    sandbox.write("/etc/systemd/system/svc-late.service", ADMIN_UNIT)
+    sandbox.systemctl("daemon-reload")
+    try:
+        loaded = wait_for(
+            lambda: service(daemon, "late"),
+            lambda body: body["load_state"] == "loaded",
+        )
+        started = daemon.post("/api/admin/services/late/start")
+    finally:
+        sandbox.systemctl("stop", "svc-late.service", check=False)
+        sandbox.run("rm", "-f", "/etc/systemd/system/svc-late.service")
+        sandbox.systemctl("daemon-reload")
+    gone = wait_for(
+        lambda: service(daemon, "late"),
+        lambda body: body["load_state"] == "not-found",
+    )
+
+    assert (before["load_state"], before["status"]) == ("not-found", "stopped")
+    assert (loaded["status"], loaded["active_state"]) == ("stopped", "inactive")
+    assert started.status_code == 200, started.text
+    assert started.json()["status"] == "running"
+    assert gone["status"] == "stopped"
+
+
+def test_service_configuration_reload_follows_the_new_services(
+    daemon: Deployd,
+) -> None:
+    extra = '\n[services.extra]\nunit = "svc-fixed.service"\n'
+    daemon.configure(SERVICES + extra, server='health_interval = "1s"')
+    daemon.sandbox.systemctl("reload", UNIT)
+    try:
+        added = wait_for(
+            lambda: services(daemon),
+            lambda body: "extra" in body and body["extra"]["port"] is not None,
+        )
+    finally:
+        daemon.configure(SERVICES, server='health_interval = "1s"')
+        daemon.sandbox.systemctl("reload", UNIT)
+    removed = wait_for(lambda: services(daemon), lambda body: "extra" not in body)
+
+    assert added["extra"]["status"] == "running"
+    assert added["extra"]["pid"] == added["fixed"]["pid"]
+    assert added["extra"]["port"] == FIXED_PORT
+    assert list(removed) == ["web", "fixed", "admin", "crashy", "ghost", "late"]
