@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 class Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+    def do_GET(self) -> None:  # the name http.server calls
         if self.path == "/health":
             sick = os.environ.get("UNHEALTHY_FILE")
             status = 503 if sick and Path(sick).exists() else 200
