@@ -14,10 +14,12 @@ from typing import Any
 
 from ares_deployd import __version__, sdnotify
 from ares_deployd import config as configuration
-from ares_deployd.api import deploys
+from ares_deployd.api import deploys, services
 from ares_deployd.api.app import create_app
 from ares_deployd.errors import DeploydError
 from ares_deployd.httpserver import HTTPServer, inherited_sockets
+from ares_deployd.journal import Journal
+from ares_deployd.monitor import Monitor
 from ares_deployd.notify import Notifier, Outbox
 from ares_deployd.runner import Runner
 from ares_deployd.store import Store
@@ -130,6 +132,7 @@ class Daemon:
         )
         self.runner.start_listeners.append(self.notifier.started)
         self.runner.listeners.append(self.notifier.finished)
+        self.monitor = Monitor(lambda: self.config, self.systemd, self.loop)
         self.server: HTTPServer | None = None
         self.supervisor: Supervisor | None = None
         self.exit_status = 0
@@ -141,6 +144,7 @@ class Daemon:
         self.loop.submit(self._watch_bus())
         self.runner.prepare()
         attached = self.loop.run(self.runner.reattach(), timeout=30)
+        self.loop.run(self.monitor.start(), timeout=30)
         routes = {
             "/api/admin/deploy": deploys.Deploy(self.runner),
             "/api/admin/deploy/{id}": deploys.DeploymentResource(self.runner),
@@ -148,12 +152,20 @@ class Daemon:
             "/api/admin/deploy/{id}/rollback": deploys.Rollback(self.runner),
             "/api/admin/deploy/{id}/log": deploys.Log(self.runner),
             "/api/admin/deploys": deploys.DeployList(self.runner),
+            **services.routes(
+                lambda: self.config, self.monitor, self.runner, Journal()
+            ),
         }
         middleware: list[object] = []
         if self.metrics is not None:
             from ares_deployd.metrics import RequestMetrics
 
             middleware.append(RequestMetrics(self.metrics))
+            self.metrics.watch_services(
+                lambda: {
+                    name: view.status for name, view in self.monitor.views().items()
+                }
+            )
             self.metrics.serve(self.config.server.metrics_listen)
         app = create_app(lambda: self.secret, routes, middleware)
         self.loop.submit(self.notifier.run())
@@ -220,6 +232,7 @@ class Daemon:
         if fresh.server.metrics_listen != self.config.server.metrics_listen:
             log.warning("a new metrics_listen takes effect only on restart")
         self.config, self.secret = fresh, secret
+        self.monitor.reconfigure()
         log.info("configuration reloaded: %d targets", len(fresh.targets))
 
     def serve(self) -> None:
@@ -233,6 +246,10 @@ class Daemon:
             self.supervisor.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        try:
+            self.monitor.stop()
+        except Exception:
+            log.debug("stopping the service monitor failed", exc_info=True)
         try:
             self.systemd.disconnect()
         except Exception:

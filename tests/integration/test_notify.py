@@ -108,6 +108,9 @@ working_directory = "{WORK}"
 user = "nobody"
 steps = ["exit 3"]
 
+[services.bus]
+unit = "dbus.service"
+
 [[notify]]
 url = "{receivers["signed"].url}"
 secret_file = "/etc/ares-deployd/webhook-secret"
@@ -255,6 +258,12 @@ def test_metrics_match_the_api(
         for target in {t for t, _ in expected}
     }
     assert not families["ares_deployd_deployments_running"].samples
+    states = {
+        s.labels["state"]: s.value
+        for s in families["ares_deployd_service_state"].samples
+        if s.labels["service"] == "bus"
+    }
+    assert states == {"running": 1, "degraded": 0, "stopped": 0}
     routes = {s.labels["route"] for s in families["ares_deployd_http_requests"].samples}
     assert "/api/admin/deploy/{id}" in routes
     sent = [
