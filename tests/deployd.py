@@ -47,11 +47,15 @@ class Deployd:
         self.sandbox.write(
             f"/etc/systemd/system/{UNIT}", (ROOT / "units" / UNIT).read_text()
         )
+        # The checkout may lie under /tmp or a home directory, which the unit
+        # hides from the daemon: bind it (and its environment) back, read-only.
+        shared = " ".join(sorted({str(ROOT), str(Path(sys.prefix).resolve())}))
         self.sandbox.write(
             f"/etc/systemd/system/{UNIT}.d/checkout.conf",
-            f"[Service]\nExecStart=\nExecStart={program} --log-level debug\n"
+            f"[Service]\nExecStart=\nExecStart={program} --log-level {log_level}\n"
             f"ExecReload=\nExecReload={program} --check-config\n"
-            "ExecReload=/bin/kill -HUP $MAINPID\n",
+            "ExecReload=/bin/kill -HUP $MAINPID\n"
+            f"ProtectHome=tmpfs\nBindReadOnlyPaths={shared}\n",
         )
         self.sandbox.write(SECRET, self.secret + "\n", mode=0o600)
         self.sandbox.systemctl("daemon-reload")
