@@ -457,7 +457,7 @@ class Monitor:
                 if state is not None and not state.control_group:
                     await self._read_control_group(unit)
             looked = {
-                unit: (state.control_group, state.main_pid)
+                unit: state.control_group
                 for unit in due
                 if (state := self._units.get(unit)) and state.active_state == "active"
             }

@@ -18,6 +18,7 @@ T = TypeVar("T")
 
 WEB_PORT = free_port()
 FIXED_PORT = free_port()
+WORKER_PORT = free_port()
 UNHEALTHY = "/run/svc-web-unhealthy"
 
 WEB_UNIT = f"""\
@@ -57,6 +58,15 @@ socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(
     data, "/run/systemd/journal/socket")
 '
 printf 'last line\n'
+"""
+
+# Its server runs in a group it made below its unit's, and listens on IPv6 only.
+WORKER_UNIT = f"""\
+[Service]
+Delegate=yes
+ExecStart=/bin/sh -c 'group=/sys/fs/cgroup$$(sed -n "s/^0:://p" /proc/self/cgroup); \\
+    mkdir "$$group/server" && echo $$$$ > "$$group/server/cgroup.procs" && \\
+    exec /usr/bin/python3 -m http.server --bind ::1 {WORKER_PORT}'
 """
 
 CRASHY_UNIT = """\
@@ -178,6 +188,30 @@ def test_service_port_is_found_from_its_listening_socket(daemon: Deployd) -> Non
 
     assert web["port"] == WEB_PORT
     assert web["listening"] == [WEB_PORT]
+
+
+def test_service_port_is_found_below_its_unit_and_over_ipv6(daemon: Deployd) -> None:
+    sandbox = daemon.sandbox
+    sandbox.write("/etc/systemd/system/svc-worker.service", WORKER_UNIT)
+    sandbox.systemctl("daemon-reload")
+    sandbox.systemctl("start", "svc-worker.service")
+    worker = '\n[services.worker]\nunit = "svc-worker.service"\n'
+    daemon.configure(SERVICES + worker, server='health_interval = "1s"')
+    sandbox.systemctl("reload", UNIT)
+    try:
+        found = wait_for(
+            lambda: services(daemon),
+            lambda body: "worker" in body and body["worker"]["port"] is not None,
+        )
+    finally:
+        daemon.configure(SERVICES, server='health_interval = "1s"')
+        sandbox.systemctl("reload", UNIT)
+        sandbox.systemctl("stop", "svc-worker.service", check=False)
+        sandbox.run("rm", "-f", "/etc/systemd/system/svc-worker.service")
+        sandbox.systemctl("daemon-reload")
+
+    assert found["worker"]["port"] == WORKER_PORT
+    assert found["web"]["port"] == WEB_PORT
 
 
 def test_service_follows_stop_start_failure_and_restart(daemon: Deployd) -> None:
