@@ -14,7 +14,7 @@ from typing import Any
 
 from ares_deployd import __version__, sdnotify
 from ares_deployd import config as configuration
-from ares_deployd.api import deploys, services
+from ares_deployd.api import deploys, openapi, services
 from ares_deployd.api.app import create_app
 from ares_deployd.errors import DeploydError
 from ares_deployd.httpserver import HTTPServer, inherited_sockets
@@ -152,6 +152,7 @@ class Daemon:
             "/api/admin/deploy/{id}/rollback": deploys.Rollback(self.runner),
             "/api/admin/deploy/{id}/log": deploys.Log(self.runner),
             "/api/admin/deploys": deploys.DeployList(self.runner),
+            "/api/admin/openapi.json": openapi.Document(),
             **services.routes(
                 lambda: self.config, self.monitor, self.runner, Journal()
             ),
