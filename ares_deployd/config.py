@@ -262,6 +262,8 @@ def notify_format(value: Any) -> str:
     return value
 
 
+DEFAULT_MAX_STREAMS = 32
+
 SERVER_OPTIONS = (
     Option(
         "listen",
@@ -292,6 +294,15 @@ SERVER_OPTIONS = (
         1000,
         "Deployments kept; older ones and their logs are pruned.",
         "1000",
+    ),
+    Option(
+        "max_streams",
+        positive_int,
+        DEFAULT_MAX_STREAMS,
+        "Event streams open at once; each holds a thread while it lasts, and "
+        "more are refused with 503 so that streams never starve the rest of "
+        "the API.",
+        "32",
     ),
     Option(
         "health_interval",
@@ -456,6 +467,7 @@ class ServerConfig:
     admin_secret_file: Path
     state_dir: Path
     history: int
+    max_streams: int
     health_interval: int
     metrics_listen: Listen | None
 

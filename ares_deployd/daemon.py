@@ -23,14 +23,21 @@ from ares_deployd.monitor import Monitor
 from ares_deployd.notify import Notifier, Outbox
 from ares_deployd.runner import Runner
 from ares_deployd.store import Store
+from ares_deployd.streams import StreamLimit, Wakeups
 from ares_deployd.supervision import Supervisor
 from ares_deployd.systemd import LoopThread, Systemd
 
 log = logging.getLogger("ares_deployd")
 
 LOG_LEVEL_ENV = "ARES_DEPLOYD_LOG_LEVEL"
-# Threads serving requests; each open stream holds one.
-THREADS = 16
+# Threads serving requests beside those that open streams may hold.
+REQUEST_THREADS = 8
+
+
+def threads_for(max_streams: int) -> int:
+    """waitress's pool: a thread for each stream allowed, and some for the rest."""
+    return max_streams + REQUEST_THREADS
+
 
 # sd-daemon priorities, so that journald files each line at its level.
 PRIORITIES = {
@@ -133,6 +140,11 @@ class Daemon:
         self.runner.start_listeners.append(self.notifier.started)
         self.runner.listeners.append(self.notifier.finished)
         self.monitor = Monitor(lambda: self.config, self.systemd, self.loop)
+        # Streams wait on these: a deployment's end wakes those that follow it.
+        self.streams = StreamLimit(config.server.max_streams)
+        self.wakeups = Wakeups()
+        self.closing = threading.Event()
+        self.runner.listeners.append(lambda ended: self.wakeups.wake(ended.id))
         self.server: HTTPServer | None = None
         self.supervisor: Supervisor | None = None
         self.exit_status = 0
@@ -151,10 +163,16 @@ class Daemon:
             "/api/admin/deploy/{id}/cancel": deploys.Cancel(self.runner),
             "/api/admin/deploy/{id}/rollback": deploys.Rollback(self.runner),
             "/api/admin/deploy/{id}/log": deploys.Log(self.runner),
+            "/api/admin/deploy/{id}/events": deploys.Events(
+                self.runner, self.streams, self.wakeups, self.closing
+            ),
             "/api/admin/deploys": deploys.DeployList(self.runner),
             "/api/admin/openapi.json": openapi.Document(),
             **services.routes(
-                lambda: self.config, self.monitor, self.runner, Journal()
+                lambda: self.config,
+                self.monitor,
+                self.runner,
+                services.LogStreams(Journal(), self.streams, self.closing),
             ),
         }
         middleware: list[object] = []
@@ -162,6 +180,7 @@ class Daemon:
             from ares_deployd.metrics import RequestMetrics
 
             middleware.append(RequestMetrics(self.metrics))
+            self.metrics.watch_streams(lambda: self.streams.open)
             self.metrics.watch_services(
                 lambda: {
                     name: view.status for name, view in self.monitor.views().items()
@@ -171,7 +190,11 @@ class Daemon:
         app = create_app(lambda: self.secret, routes, middleware)
         self.loop.submit(self.notifier.run())
         server = HTTPServer(
-            app, self.config.server.listen, inherited_sockets(), THREADS
+            app,
+            self.config.server.listen,
+            inherited_sockets(),
+            threads_for(self.config.server.max_streams),
+            stopping=self.closing,
         )
         self.server = server
         listening = ", ".join(server.addresses)
@@ -319,6 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             daemon.supervisor.stop_reporting()
         sdnotify.notify("STOPPING=1", "STATUS=Stopping: finishing requests in flight")
         server.stop()
+        # Streams end at their next wake once the server is closing; wake them
+        # when it is.
+        server.call_soon(daemon.wakeups.wake_all)
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)

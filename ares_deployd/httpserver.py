@@ -113,6 +113,7 @@ class HTTPServer:
         listen: Listen,
         sockets: list[socket.socket],
         threads: int,
+        stopping: threading.Event | None = None,
     ) -> None:
         self._map: dict[int, Any] = {}
         where: dict[str, Any] = {"sockets": sockets}
@@ -127,6 +128,9 @@ class HTTPServer:
                 clear_untrusted_proxy_headers=True,
                 max_request_body_size=1024 * 1024,
                 asyncore_use_poll=True,
+                # Reading on while a request runs is how waitress sees a client
+                # leave mid-answer; streams ask it (waitress.client_disconnected).
+                channel_request_lookahead=1,
                 **where,
             )
         except ValueError as error:
@@ -138,7 +142,7 @@ class HTTPServer:
         self._stop_requested = False
         self._pending: list[Callable[[], None]] = []
         # Set once the listening sockets are closed and requests are draining.
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()
 
     def _listeners(self) -> list[socket.socket]:
         return [

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import subprocess
 import time
@@ -299,22 +300,21 @@ def command(
     if after is not None:
         argv.append(f"--after-cursor={after}")
     if follow:
-        argv.append("--follow")
+        # Following otherwise reads the boot id from /proc/sys, which the
+        # daemon's unit hides (ProcSubset=pid); --merge spares journalctl that
+        # look, and JSON output has no boot separators for it to print anyway.
+        argv += ["--follow", "--merge"]
     return argv
 
 
-def collect(argv: Sequence[str], timeout: float = TIMEOUT) -> bytes:
-    """Run a journalctl command line to its end and return what it printed.
-
-    It runs in a process group of its own, killed whole when it overstays.
+def spawn(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """Start journalctl in a process group of its own, its output piped.
 
     Raises:
-        DeploydError: ``journal_timeout`` (504) when it takes longer than
-            ``timeout`` seconds, ``journal_failed`` (502) when it cannot start
-            or exits with an error.
+        DeploydError: ``journal_failed`` (502) when it cannot start.
     """
     try:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -326,6 +326,18 @@ def collect(argv: Sequence[str], timeout: float = TIMEOUT) -> bytes:
             502, "journal_failed", f"cannot run {argv[0]}: {error.strerror}"
         ) from None
 
+
+def collect(argv: Sequence[str], timeout: float = TIMEOUT) -> bytes:
+    """Run a journalctl command line to its end and return what it printed.
+
+    Its process group is killed whole when it overstays.
+
+    Raises:
+        DeploydError: ``journal_timeout`` (504) when it takes longer than
+            ``timeout`` seconds, ``journal_failed`` (502) when it cannot start
+            or exits with an error.
+    """
+    process = spawn(argv)
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -397,3 +409,109 @@ class Journal:
             raise DeploydError(
                 502, "journal_failed", "journalctl printed something not JSON"
             ) from None
+
+    def follow(self, unit: str, lines: int, after: str | None = None) -> Follower:
+        """Follow ``unit``: the last ``lines`` entries (or those after the cursor
+        ``after``), then each new one.
+
+        Raises:
+            DeploydError: ``journal_failed`` (502) when journalctl cannot start.
+        """
+        return Follower(self.program, unit, lines, after)
+
+
+# A journalctl that ends while followed (journald restarted, files rotated) is
+# started again from the last cursor, this many times in a row at most.
+FOLLOW_RESTARTS = 5
+
+
+class Follower:
+    """New entries of a unit's journal as they come, from ``journalctl --follow``.
+
+    Its journalctl runs in a process group of its own, killed whole on
+    :meth:`close`; one that ends by itself is started again after the last
+    entry seen, so that a restart of journald loses and repeats nothing.
+    """
+
+    def __init__(self, program: str, unit: str, lines: int, after: str | None) -> None:
+        self._program = program
+        self._unit = unit
+        self.cursor = after
+        self._buffer = b""
+        self._restarts = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._start(lines if after is None else None)
+
+    def _start(self, lines: int | None) -> None:
+        argv = command(
+            self._unit,
+            lines=lines,
+            after=self.cursor,
+            follow=True,
+            program=self._program,
+        )
+        self._process = spawn(argv)
+        assert self._process.stdout is not None and self._process.stderr is not None
+        os.set_blocking(self._process.stdout.fileno(), False)
+        os.set_blocking(self._process.stderr.fileno(), False)
+        self._buffer = b""
+
+    def read(self, timeout: float) -> list[tuple[str, str]]:
+        """The ``(cursor, line)`` of entries that arrived within ``timeout``.
+
+        Raises:
+            DeploydError: ``journal_failed`` (502) when journalctl keeps ending.
+        """
+        process = self._process
+        assert process is not None and process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], timeout)
+        if not ready:
+            return []
+        data = process.stdout.read()
+        if data is None:
+            return []
+        if data:
+            self._restarts = 0
+            return self._parse(data)
+        # The end of its output: journalctl exited. Reap it and start anew.
+        said = (process.stderr.read() or b"") if process.stderr else b""
+        reason = said.decode(errors="replace").strip().splitlines() or ["no reason"]
+        self._stop()
+        self._restarts += 1
+        if self._restarts > FOLLOW_RESTARTS:
+            raise DeploydError(
+                502, "journal_failed", f"journalctl keeps ending: {reason[-1]}"
+            )
+        log.info(
+            "journalctl ended while following %s (%s); starting it again",
+            self._unit,
+            reason[-1],
+        )
+        time.sleep(min(0.2 * self._restarts, 1.0))
+        self._start(0 if self.cursor is None else None)
+        return []
+
+    def _parse(self, data: bytes) -> list[tuple[str, str]]:
+        lines = (self._buffer + data).split(b"\n")
+        self._buffer = lines.pop()
+        found = []
+        for raw in lines:
+            if not raw.strip():
+                continue
+            try:
+                line, cursor = parse_line(raw)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                log.debug("journalctl printed a line that is not an entry: %r", raw)
+                continue
+            self.cursor = cursor
+            if line is not None:
+                found.append((cursor, line))
+        return found
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            _kill_group(self._process)
+            self._process = None
+
+    def close(self) -> None:
+        self._stop()

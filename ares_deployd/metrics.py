@@ -111,6 +111,9 @@ class Metrics:
         self.registry.register(_Running(store))
         self._server: Any = None
 
+    def watch_streams(self, count: Callable[[], int]) -> None:
+        self.streams.set_function(count)
+
     def watch_services(self, states: Callable[[], dict[str, str]]) -> None:
         self.registry.register(_Services(states))
 

@@ -503,7 +503,10 @@ def main() -> int:
     rounds = 1 if args.quick else args.rounds
     started = time.time()
 
-    from ares_deployd.daemon import THREADS
+    from ares_deployd.config import DEFAULT_MAX_STREAMS
+    from ares_deployd.daemon import threads_for
+
+    threads = threads_for(DEFAULT_MAX_STREAMS)
 
     with Sandbox.boot(share=[ROOT, sys.prefix]) as sandbox:
         prepare(sandbox, args.quick)
@@ -515,7 +518,7 @@ def main() -> int:
         bare_port = free_port()
         sandbox.run(
             "systemd-run", "--unit=bench-bare", sys.executable,
-            str(ROOT / "bench" / "bare.py"), str(bare_port), str(THREADS),
+            str(ROOT / "bench" / "bare.py"), str(bare_port), str(threads),
         )  # fmt: skip
         bare_url = f"http://127.0.0.1:{bare_port}/bare"
         for _ in range(100):

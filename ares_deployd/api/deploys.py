@@ -6,16 +6,18 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
-from typing import Any
+from collections.abc import Hashable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import falcon
 
-from ares_deployd import buildlog
+from ares_deployd import buildlog, streams
 from ares_deployd.api.app import read_json
 from ares_deployd.errors import bad_request, not_found
 from ares_deployd.runner import Runner
-from ares_deployd.store import STATUSES, Deployment
+from ares_deployd.store import RUNNING, STATUSES, Deployment
+from ares_deployd.streams import Stream, StreamLimit, Waiter, Wakeups
 
 # The canonical form of the ids the daemon makes, the only form it answers to.
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -172,6 +174,152 @@ class Log:
         resp.content_type = "text/plain; charset=utf-8"
         resp.set_header("X-Log-Size", str(buildlog.size(path)))
         resp.text = buildlog.read_from(path, offset).decode(errors="replace")
+
+
+class Events:
+    """``GET /api/admin/deploy/{id}/events``: the output line by line as it is
+    written, then the final status, as server-sent events.
+
+    Each output event's id is the byte offset its line starts at, so that
+    ``Last-Event-ID`` resumes with the line after it.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        limit: StreamLimit,
+        wakeups: Wakeups,
+        closing: threading.Event,
+    ) -> None:
+        self.runner = runner
+        self.limit = limit
+        self.wakeups = wakeups
+        self.closing = closing
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        deployment = _find(self.runner, id)
+        resume = _last_event_id(req)
+
+        path = buildlog.log_path(self.runner.state_dir, deployment.id)
+
+        streams.answer(
+            req,
+            resp,
+            self.limit,
+            self.closing,
+            lambda stream: self._events(stream, deployment.id, path, resume),
+        )
+
+    def _events(
+        self, stream: Stream, deployment_id: str, path: Path, resume: int | None
+    ) -> Iterator[bytes]:
+        waiter = Waiter()
+        reader = _LineReader(path, resume)
+        try:
+            with self.wakeups.registered(deployment_id, waiter):
+                while not stream.over():
+                    waiter.watch(path)
+                    # Looked at before reading: the daemon writes its last lines
+                    # before it records the end, so none can be missed.
+                    deployment = self.runner.store.get(deployment_id)
+                    ended = deployment is None or deployment.status != RUNNING
+                    chunk = reader.events(final=ended)
+                    if ended:
+                        if deployment is not None:
+                            status = json.dumps(deployment.as_json())
+                            chunk += streams.event(status, "status")
+                        yield chunk
+                        return
+                    chunk = chunk or stream.keepalive()
+                    if chunk:
+                        stream.sent()
+                        yield chunk
+                    if not reader.more:
+                        waiter.wait(stream.until_keepalive())
+        finally:
+            reader.close()
+            waiter.close()
+
+
+class _LineReader:
+    """Whole lines of a growing log, each as an output event with its offset."""
+
+    # Read at most this much between two writes to the client.
+    CHUNK = 256 * 1024
+
+    def __init__(self, path: Path, resume: int | None) -> None:
+        self._path = path
+        self._handle: BinaryIO | None = None
+        # The offset of the first byte not yet sent, and what of it is read.
+        self._start = 0 if resume is None else resume
+        self._pending = b""
+        # Resuming at an event's id means after the line that starts there.
+        self._skipping = resume is not None
+        # Set when a read stopped short of the end, so that the next comes at once.
+        self.more = False
+
+    def _open(self) -> BinaryIO | None:
+        if self._handle is None:
+            try:
+                self._handle = open(self._path, "rb")  # noqa: SIM115
+            except FileNotFoundError:
+                return None
+            self._handle.seek(self._start)
+        return self._handle
+
+    def events(self, final: bool) -> bytes:
+        """Events for the lines written since the last call; with ``final``,
+        everything to the end, the last line even without its newline."""
+        handle = self._open()
+        if handle is None:
+            return b""
+        out = []
+        self.more = False
+        while data := handle.read(self.CHUNK):
+            data = self._pending + data
+            if self._skipping:
+                newline = data.find(b"\n")
+                if newline < 0:
+                    self._start += len(data)
+                    self._pending = b""
+                    continue
+                self._start += newline + 1
+                data = data[newline + 1 :]
+                self._skipping = False
+            end = data.rfind(b"\n") + 1
+            for line in data[:end].split(b"\n")[:-1]:
+                out.append(self._event(line))
+                self._start += len(line) + 1
+            self._pending = data[end:]
+            if not final:
+                self.more = True
+                break
+        if final and self._pending and not self._skipping:
+            out.append(self._event(self._pending))
+            self._start += len(self._pending)
+            self._pending = b""
+        return b"".join(out)
+
+    def _event(self, line: bytes) -> bytes:
+        text = line.decode(errors="replace")
+        return streams.event(text, "output", str(self._start))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+def _last_event_id(req: falcon.Request) -> int | None:
+    raw = req.get_header("Last-Event-ID")
+    if raw is None or raw.strip() == "":
+        return None
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise bad_request(
+            "bad_last_event_id",
+            "Last-Event-ID must be the id of an earlier output event, a byte offset",
+        )
+    return int(raw)
 
 
 class DeployList:
