@@ -68,6 +68,21 @@ def test_build_properties_pass_the_ref_only_in_the_environment(tmp_path: Path) -
     assert ref not in commands
 
 
+def test_build_properties_protect_the_kernel_only_from_root_builds(
+    tmp_path: Path,
+) -> None:
+    kernel = {"ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups"}
+
+    as_app = dict(build_properties(target(tmp_path), "id", tmp_path))
+    as_root = dict(build_properties(target(tmp_path, user="root"), "id", tmp_path))
+
+    assert not kernel & set(as_app)
+    assert all(as_root[name].value is True for name in kernel)
+    for properties in (as_app, as_root):
+        assert properties["NoNewPrivileges"].value is True
+        assert properties["PrivateTmp"].value is True
+
+
 def test_build_properties_bound_a_timeout_as_a_start_timeout(tmp_path: Path) -> None:
     properties = dict(build_properties(target(tmp_path, timeout=90), "id", tmp_path))
 
