@@ -69,6 +69,9 @@ def test_auth_ten_failures_block_only_that_address(daemon: Deployd) -> None:
     [
         "/api/admin/deploys",
         "/api/admin/deploy/00000000-0000-0000-0000-000000000000",
+        "/api/admin/deploy/00000000-0000-0000-0000-000000000000/events",
+        "/api/admin/services/any/logs?follow=1",
+        "/api/admin/openapi.json",
         "/api/admin/nowhere",
         "/elsewhere",
     ],
