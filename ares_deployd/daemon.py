@@ -150,14 +150,9 @@ class Daemon:
         self.exit_status = 0
         self._stopping = False
 
-    def start(self) -> None:
-        """Connect to systemd, re-attach to running deployments, and listen."""
-        self.loop.run(self.systemd.connect(), timeout=30)
-        self.loop.submit(self._watch_bus())
-        self.runner.prepare()
-        attached = self.loop.run(self.runner.reattach(), timeout=30)
-        self.loop.run(self.monitor.start(), timeout=30)
-        routes = {
+    def routes(self) -> dict[str, object]:
+        """The API's resources by URI template, as :meth:`start` serves them."""
+        return {
             "/api/admin/deploy": deploys.Deploy(self.runner),
             "/api/admin/deploy/{id}": deploys.DeploymentResource(self.runner),
             "/api/admin/deploy/{id}/cancel": deploys.Cancel(self.runner),
@@ -175,6 +170,14 @@ class Daemon:
                 services.LogStreams(Journal(), self.streams, self.closing),
             ),
         }
+
+    def start(self) -> None:
+        """Connect to systemd, re-attach to running deployments, and listen."""
+        self.loop.run(self.systemd.connect(), timeout=30)
+        self.loop.submit(self._watch_bus())
+        self.runner.prepare()
+        attached = self.loop.run(self.runner.reattach(), timeout=30)
+        self.loop.run(self.monitor.start(), timeout=30)
         middleware: list[object] = []
         if self.metrics is not None:
             from ares_deployd.metrics import RequestMetrics
@@ -187,7 +190,7 @@ class Daemon:
                 }
             )
             self.metrics.serve(self.config.server.metrics_listen)
-        app = create_app(lambda: self.secret, routes, middleware)
+        app = create_app(lambda: self.secret, self.routes(), middleware)
         self.loop.submit(self.notifier.run())
         server = HTTPServer(
             app,

@@ -236,6 +236,10 @@ def parse_line(raw: bytes | str) -> tuple[str | None, str]:
     return render(entry), entry["__CURSOR"]
 
 
+def _unknown_cursor() -> DeploydError:
+    return bad_request("bad_after", "after must be a cursor from an earlier answer")
+
+
 def check_cursor(cursor: str) -> str:
     """``cursor`` when it has the shape of a journal cursor.
 
@@ -243,7 +247,7 @@ def check_cursor(cursor: str) -> str:
         DeploydError: ``bad_after`` (400).
     """
     if len(cursor) > 1024 or not _CURSOR.fullmatch(cursor):
-        raise bad_request("bad_after", "after must be a cursor from an earlier answer")
+        raise _unknown_cursor()
     return cursor
 
 
@@ -402,7 +406,13 @@ class Journal:
         argv = command(
             unit, lines=lines, since=since, after=after, program=self.program
         )
-        output = collect(argv, self.timeout)
+        try:
+            output = collect(argv, self.timeout)
+        except DeploydError as error:
+            # A cursor of the right shape that names no entry journalctl knows.
+            if after is not None and "seek to cursor" in error.message:
+                raise _unknown_cursor() from None
+            raise
         try:
             return page(output, after)
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -415,8 +425,12 @@ class Journal:
         ``after``), then each new one.
 
         Raises:
-            DeploydError: ``journal_failed`` (502) when journalctl cannot start.
+            DeploydError: ``bad_after`` (400) for a cursor journalctl cannot
+                seek to, ``journal_failed`` (502) when it cannot start.
         """
+        if after is not None:
+            # Once the stream has begun, a refusal could only be an event.
+            self.read(unit, 1, after=after)
         return Follower(self.program, unit, lines, after)
 
 

@@ -403,6 +403,10 @@ class Runner:
             except DBusError as error:
                 # The unit ended on its own meanwhile; the follower records it.
                 log.debug("stopping %s: %s", deployment.unit, error.text)
+            except TimeoutError:
+                # Its processes are slow to go; systemd's stop goes on, and the
+                # follower records the end when it comes.
+                log.info("deployment %s is still stopping", deployment.id)
             return
         task = self._tasks.get(deployment.id)
         if task is not None:

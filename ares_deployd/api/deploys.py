@@ -87,7 +87,8 @@ class Deploy:
 
         deployment = self.runner.trigger(target, ref=ref)
 
-        if deployment.status == "running":
+        if deployment.status in ("running", "success"):
+            # A quick build may have ended by now; it did start.
             message = f"Deployment started for {target}"
         else:
             message = f"Deployment of {target} {deployment.status}: {deployment.reason}"

@@ -280,6 +280,7 @@ def test_logs_follow_bad_values_are_400(daemon: Deployd) -> None:
     for query, code in (
         ("follow=maybe", "bad_follow"),
         ("follow=1&after=not-a-cursor", "bad_after"),
+        ("follow=1&after=a=0", "bad_after"),
         ("follow=1&lines=0", "bad_lines"),
     ):
         answer = daemon.get(f"/api/admin/services/chatty/logs?{query}")

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import ast
-import inspect
 import json
 import re
-import textwrap
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,24 +60,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[daemon.Daemon]:
     made.stop()
 
 
-def route_table(made: daemon.Daemon) -> dict[str, object]:
-    """The routes ``Daemon.start`` hands to ``create_app``, built for ``made``.
-
-    They are made inside ``start``, which also connects to systemd, so the
-    dictionary it builds is read from its source and evaluated here alone.
-    """
-    source = textwrap.dedent(inspect.getsource(daemon.Daemon.start))
-    tables = [
-        node.value
-        for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.Assign)
-        and [getattr(target, "id", None) for target in node.targets] == ["routes"]
-    ]
-    assert len(tables) == 1, "Daemon.start no longer builds one `routes` table"
-    expression = compile(ast.Expression(tables[0]), daemon.__file__, "eval")
-    return eval(expression, vars(daemon), {"self": made})
-
-
 def router_templates(app: falcon.App) -> dict[str, object]:
     """Every URI template the app's router holds, with its resource."""
     found: dict[str, object] = {}
@@ -95,7 +74,7 @@ def router_templates(app: falcon.App) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def app(built: daemon.Daemon) -> falcon.App:
-    return create_app(lambda: SECRET, route_table(built))
+    return create_app(lambda: SECRET, built.routes())
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +167,7 @@ def test_openapi_every_route_is_documented(
 ) -> None:
     routes = router_templates(app)
 
-    assert set(routes) == set(route_table(built))
+    assert set(routes) == set(built.routes())
     for template, resource in routes.items():
         assert template in document["paths"], f"{template} is routed but undocumented"
         item = document["paths"][template]
