@@ -184,12 +184,18 @@ def _thread_count(daemon: Deployd) -> int:
     return int(status.split("Threads:")[1].split()[0])
 
 
+def _open_files(daemon: Deployd) -> int:
+    listing = daemon.sandbox.run("ls", f"/proc/{daemon.main_pid()}/fd").stdout
+    return len(listing.split())
+
+
 def test_streams_past_the_cap_are_refused_and_others_still_served(
     daemon: Deployd,
 ) -> None:
     deployment_id = daemon.deploy("endless")
     path = f"/api/admin/deploy/{deployment_id}/events"
     threads_before = _thread_count(daemon)
+    files_before = _open_files(daemon)
     held = [open_stream(daemon, path) for _ in range(CAP)]
     try:
         assert [stream.status_code for stream in held] == [200] * CAP
@@ -205,12 +211,15 @@ def test_streams_past_the_cap_are_refused_and_others_still_served(
         for stream in held:
             stream.close()
 
-    # The dropped clients' places come back within seconds, and no thread was
-    # made for them beyond waitress's fixed pool.
+    # The dropped clients' places and files come back within seconds, and no
+    # thread was made for them beyond waitress's fixed pool.
     deadline = time.monotonic() + 10
-    while daemon.get(path, stream=True).status_code != 200:
-        assert time.monotonic() < deadline, "the places of closed streams stayed taken"
+    while _open_files(daemon) > files_before:
+        assert time.monotonic() < deadline, "closed streams kept their files open"
         time.sleep(0.2)
+    again = daemon.get(path, stream=True)
+    assert again.status_code == 200
+    again.close()
     assert _thread_count(daemon) == threads_before
     daemon.post(f"/api/admin/deploy/{deployment_id}/cancel")
     daemon.wait(deployment_id)
