@@ -8,6 +8,7 @@ rounds it runs the work signal handlers asked for, outside of signal context.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -19,7 +20,10 @@ from typing import Any
 
 import waitress
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
 
+from ares_deployd.api.app import HTTP_CODES
 from ares_deployd.config import Listen
 from ares_deployd.errors import DeploydError
 
@@ -34,6 +38,11 @@ ROUND = 0.5
 # A connection quiet for this long between requests is closed on stop; a fresh
 # one gets the time for its request to arrive.
 IDLE_GRACE = 1.0
+# Connections open at once: waitress's own limit of 100 lets a hundred idle
+# connections, which need no secret, shut every other client out.
+CONNECTION_LIMIT = 1000
+# A connection with no request in flight is closed after this many seconds.
+CHANNEL_TIMEOUT = 30
 
 
 def inherited_sockets() -> list[socket.socket]:
@@ -75,6 +84,31 @@ def inherited_sockets() -> list[socket.socket]:
             )
         sockets.append(sock)
     return sockets
+
+
+class _JSONErrorTask(ErrorTask):
+    """What waitress refuses before the app sees it (framing, sizes), answered
+    in the API's one error format rather than waitress's plain text."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        body = json.dumps(
+            {
+                "error": HTTP_CODES.get(error.code, "bad_request"),
+                "message": f"{error.reason}: {error.body}",
+            }
+        ).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        # The request could not be read to its end, so neither can the next.
+        self.response_headers.append(("Connection", "close"))
+        self.close_on_finish = True
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _Channel(HTTPChannel):
+    error_task_class = _JSONErrorTask
 
 
 class _Wakeup(wasyncore.dispatcher):
@@ -131,11 +165,16 @@ class HTTPServer:
                 # Reading on while a request runs is how waitress sees a client
                 # leave mid-answer; streams ask it (waitress.client_disconnected).
                 channel_request_lookahead=1,
+                connection_limit=CONNECTION_LIMIT,
+                channel_timeout=CHANNEL_TIMEOUT,
                 **where,
             )
         except ValueError as error:
             # waitress refuses a mix of UNIX and Internet sockets this way.
             raise DeploydError(500, "bad_socket", str(error)) from None
+        for dispatcher in self._map.values():
+            if getattr(dispatcher, "accepting", False):
+                dispatcher.channel_class = _Channel
         self.activated = bool(sockets)
         self.addresses = [describe(sock) for sock in self._listeners()]
         self.heartbeat = time.monotonic()

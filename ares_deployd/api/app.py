@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SECRET_HEADER = "X-Admin-Secret"
 MAX_BODY = 64 * 1024
+PATH_SHOWN = 200
 
 HTTP_CODES = {
     400: "bad_request",
@@ -142,10 +143,12 @@ def _on_http_error(
     for name, value in (error.headers or {}).items():
         resp.set_header(name, value)
     message = error.description or error.title or "The request failed"
+    # Enough of the path to recognise it; a client may send a very long one.
+    path = req.path if len(req.path) <= PATH_SHOWN else req.path[:PATH_SHOWN] + "..."
     if status == 404:
-        message = f"No such resource: {req.path}"
+        message = f"No such resource: {path}"
     elif status == 405:
-        message = f"{req.method} is not allowed on {req.path}"
+        message = f"{req.method} is not allowed on {path}"
     _send(resp, status, {"error": HTTP_CODES.get(status, "error"), "message": message})
 
 

@@ -89,6 +89,16 @@ def test_unknown_route_is_404_json(client) -> None:
     }
 
 
+def test_unknown_long_route_is_404_with_the_path_cut(client) -> None:
+    path = "/api/admin/" + "x" * 100_000
+
+    result = client.simulate_get(path, headers={"X-Admin-Secret": SECRET})
+
+    assert result.status_code == 404
+    assert len(result.json["message"]) < 300
+    assert result.json["message"].endswith("...")
+
+
 def test_wrong_method_is_405_json(client) -> None:
     result = client.simulate_delete("/api/admin/echo")
 
