@@ -247,10 +247,16 @@ def test_logs_follow_delivers_new_lines_with_cursors(daemon: Deployd) -> None:
     assert numbers == list(range(numbers[0], numbers[0] + 8))
     assert "chatty" in received[0]["data"] or "sh[" in received[0]["data"]
     assert len({item["id"] for item in received}) == 8
-    # The cursor of the last line continues the plain endpoint.
-    after = daemon.get(
-        "/api/admin/services/chatty/logs", params={"after": received[-1]["id"]}
-    ).json()
+    # The cursor of the last line continues the plain endpoint, once the
+    # service has written its next line.
+    deadline = time.monotonic() + 10
+    while True:
+        after = daemon.get(
+            "/api/admin/services/chatty/logs", params={"after": received[-1]["id"]}
+        ).json()
+        if after["lines"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert int(after["lines"][0].rsplit(" ", 1)[1]) == numbers[-1] + 1
 
 
