@@ -153,7 +153,8 @@ class Waiter:
         with contextlib.suppress(OSError):
             os.eventfd_write(self._wake, 1)
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float) -> bool:
+        """True when :meth:`wake` was called, False for a change or a timeout."""
         readers = [self._wake]
         if self._inotify >= 0 and self._watching is not None:
             readers.append(self._inotify)
@@ -162,10 +163,11 @@ class Waiter:
         try:
             ready, _, _ = select.select(readers, [], [], max(timeout, 0))
         except InterruptedError:
-            return
+            return False
         for fd in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(fd, 65536)
+        return self._wake in ready
 
     def close(self) -> None:
         for fd in (self._wake, self._inotify):

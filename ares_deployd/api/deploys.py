@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import falcon
 
@@ -23,6 +25,8 @@ from ares_deployd.streams import Stream, StreamLimit, Waiter, Wakeups
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 LIST_DEFAULT = 20
 LIST_MAX = 200
+# How often a stream looks at its deployment's status unless woken for it.
+STATUS_CHECK = 1.0
 
 
 class Answers:
@@ -218,12 +222,19 @@ class Events:
         reader = _LineReader(path, resume)
         try:
             with self.wakeups.registered(deployment_id, waiter):
+                woken, checked = True, 0.0
                 while not stream.over():
                     waiter.watch(path)
-                    # Looked at before reading: the daemon writes its last lines
-                    # before it records the end, so none can be missed.
-                    deployment = self.runner.store.get(deployment_id)
-                    ended = deployment is None or deployment.status != RUNNING
+                    # The history is read only when the runner says the end has
+                    # come (and now and then besides), not at every line: many
+                    # streams at once would queue on the database for nothing.
+                    ended = False
+                    if woken or time.monotonic() - checked >= STATUS_CHECK:
+                        checked = time.monotonic()
+                        # Read before the log: the daemon writes its last lines
+                        # before it records the end, so none can be missed.
+                        deployment = self.runner.store.get(deployment_id)
+                        ended = deployment is None or deployment.status != RUNNING
                     chunk = reader.events(final=ended)
                     if ended:
                         if deployment is not None:
@@ -235,8 +246,9 @@ class Events:
                     if chunk:
                         stream.sent()
                         yield chunk
+                    woken = False
                     if not reader.more:
-                        waiter.wait(stream.until_keepalive())
+                        woken = waiter.wait(stream.until_keepalive())
         finally:
             reader.close()
             waiter.close()
@@ -250,7 +262,7 @@ class _LineReader:
 
     def __init__(self, path: Path, resume: int | None) -> None:
         self._path = path
-        self._handle: BinaryIO | None = None
+        self._handle: io.FileIO | None = None
         # The offset of the first byte not yet sent, and what of it is read.
         self._start = 0 if resume is None else resume
         self._pending = b""
@@ -259,10 +271,11 @@ class _LineReader:
         # Set when a read stopped short of the end, so that the next comes at once.
         self.more = False
 
-    def _open(self) -> BinaryIO | None:
+    def _open(self) -> io.FileIO | None:
         if self._handle is None:
             try:
-                self._handle = open(self._path, "rb")  # noqa: SIM115
+                # Unbuffered: each read is one system call, and sees the end.
+                self._handle = open(self._path, "rb", buffering=0)  # noqa: SIM115
             except FileNotFoundError:
                 return None
             self._handle.seek(self._start)
@@ -277,6 +290,8 @@ class _LineReader:
         out = []
         self.more = False
         while data := handle.read(self.CHUNK):
+            # One read a wake; a full one means more may wait behind it.
+            self.more = len(data) == self.CHUNK
             data = self._pending + data
             if self._skipping:
                 newline = data.find(b"\n")
@@ -293,7 +308,6 @@ class _LineReader:
                 self._start += len(line) + 1
             self._pending = data[end:]
             if not final:
-                self.more = True
                 break
         if final and self._pending and not self._skipping:
             out.append(self._event(self._pending))

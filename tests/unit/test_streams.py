@@ -83,24 +83,29 @@ def test_waiter_wakes_when_the_file_grows(tmp_path: Path) -> None:
     writer = threading.Timer(0.1, lambda: path.write_text("more\n"))
     writer.start()
     started = time.monotonic()
-    waiter.wait(5)
+    woken = waiter.wait(5)
     waited = time.monotonic() - started
     writer.join()
     waiter.close()
 
     assert waited < 4
+    assert woken is False
 
 
-def test_waiter_wakes_on_wake_from_another_thread() -> None:
+def test_waiter_wakes_on_wake_from_another_thread(tmp_path: Path) -> None:
+    path = tmp_path / "quiet.log"
+    path.write_text("")
     waiter = streams.Waiter()
+    assert waiter.watch(path)
     wakeups = streams.Wakeups()
 
     with wakeups.registered("id", waiter):
         threading.Timer(0.1, lambda: wakeups.wake("id")).start()
         started = time.monotonic()
-        waiter.wait(5)
+        woken = waiter.wait(5)
 
     assert time.monotonic() - started < 4
+    assert woken is True
     waiter.close()
 
 
