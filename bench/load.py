@@ -111,6 +111,67 @@ def python_client(
     )
 
 
+def paced(
+    url: str, headers: dict[str, str], seconds: float, rate: float, connections: int = 4
+) -> Load:
+    """GET ``url`` at a steady ``rate`` a second for ``seconds``.
+
+    Each request's latency counts from when it was due, not from when a client
+    got round to sending it, so a server that falls behind shows it.
+    """
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    total = int(seconds * rate)
+    started = time.perf_counter() + 0.05
+    due = iter(range(total))
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def worker() -> None:
+        mine, failed = [], 0
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        while True:
+            with lock:
+                number = next(due, None)
+            if number is None:
+                break
+            when = started + number / rate
+            time.sleep(max(0.0, when - time.perf_counter()))
+            try:
+                connection.request("GET", path, headers=headers)
+                response = connection.getresponse()
+                response.read()
+                if response.status >= 300:
+                    failed += 1
+            except (OSError, http.client.HTTPException):
+                failed += 1
+                connection.close()
+                connection = http.client.HTTPConnection(
+                    parts.hostname, parts.port, timeout=10
+                )
+            mine.append(time.perf_counter() - when)
+        connection.close()
+        with lock:
+            latencies.extend(mine)
+            errors[0] += failed
+
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return Load(
+        requests=len(latencies),
+        errors=errors[0],
+        seconds=elapsed,
+        p50=statistics.median(latencies),
+        p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+    )
+
+
 def load(
     url: str, headers: dict[str, str], seconds: float, connections: int = 8
 ) -> Load:
