@@ -38,13 +38,16 @@ from tests.integration.conftest import WORK
 pytestmark = pytest.mark.integration
 
 WEB_PORT = free_port()
+BUILD_SECONDS = 8
 # The document's examples name "ares", as target and as service: configured
 # here under that name, the examples reach real deployments and real jobs.
 CONFIG = f"""
+# Its build outlasts any chain of linked calls, so that whether a cancel or a
+# second deployment is accepted never depends on how fast the build was.
 [targets.ares]
 working_directory = "{WORK}"
 user = "nobody"
-steps = ["echo hi", "echo there"]
+steps = ["echo hi", "sleep {BUILD_SECONDS}", "echo there"]
 # A revision before each deployment makes every one of them a rollback point.
 revision = "echo v1"
 
@@ -259,8 +262,23 @@ def test_openapi_followed_logs_stream_as_documented(daemon: Deployd) -> None:
     assert first.startswith("id: s=")
 
 
+def settle(daemon: Deployd) -> None:
+    """Every deployment ended and every service up: the state each chain of
+    linked calls starts from, so that the same calls get the same answers."""
+    running = daemon.get("/api/admin/deploys", params={"status": "running"})
+    for deployment in running.json()["deploys"]:
+        daemon.post(f"/api/admin/deploy/{deployment['id']}/cancel", timeout=60)
+        daemon.wait(deployment["id"])
+    daemon.sandbox.systemctl("start", *UNITS)
+
+
 def test_schemathesis_linked_calls_answer_as_documented(daemon: Deployd) -> None:
+    settle(daemon)
+
     class Linked(authenticated.as_state_machine()):  # type: ignore[misc]
+        def teardown(self) -> None:
+            settle(daemon)
+
         def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
             return {
                 "base_url": daemon.base_url,
