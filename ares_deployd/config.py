@@ -99,6 +99,13 @@ def positive_int(value: Any) -> int:
     return value
 
 
+def cpu_weight(value: Any) -> int:
+    _expect(value, int, "an integer")
+    if not 1 <= value <= 10000:
+        raise Invalid(f"{value} is not a CPU weight (1 to 10000, systemd's is 100)")
+    return value
+
+
 def port(value: Any) -> int:
     _expect(value, int, "an integer")
     if not 1 <= value <= 65535:
@@ -391,6 +398,15 @@ TARGET_OPTIONS = (
         "`git rev-parse HEAD` in a git checkout, else none",
     ),
     Option(
+        "cpu_weight",
+        cpu_weight,
+        20,
+        "The build's share of the CPU against other units when it is short "
+        "(systemd's CPUWeight=, 100 for services): a build does not slow the "
+        "services or the API.",
+        "100",
+    ),
+    Option(
         "rollback_on_failure",
         boolean,
         False,
@@ -486,6 +502,7 @@ class Target:
     health_url: str | None
     health_timeout: int
     revision: str | None
+    cpu_weight: int
     rollback_on_failure: bool
 
     def revision_command(self) -> str | None:
@@ -715,7 +732,7 @@ def reference_markdown() -> str:
             elif option.parse is duration:
                 default = f'`"{format_duration(option.default)}"`'
             else:
-                default = f"`{option.default}`"
+                default = f"`{_show(option.default)}`"
             lines.append(
                 f"| `{option.key}` | `{option.example}` | {default} | {option.doc} |"
             )

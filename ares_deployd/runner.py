@@ -147,6 +147,8 @@ def build_properties(
         ("ProtectHostname", Variant("b", True)),
         ("RestrictSUIDSGID", Variant("b", True)),
         ("LockPersonality", Variant("b", True)),
+        # Below the services' weight: when the CPU is short, a build waits.
+        ("CPUWeight", Variant("t", target.cpu_weight)),
     ]
     if target.user == "root":
         properties += [(name, Variant("b", True)) for name in ROOT_BUILD_PROTECTIONS]

@@ -150,10 +150,13 @@ def test_deploy_timeout_fails_and_leaves_no_process(daemon: Deployd) -> None:
 def test_deploy_cancel_ends_cancelled_and_leaves_no_process(daemon: Deployd) -> None:
     deployment_id = daemon.deploy("endless")
     time.sleep(0.5)
+    unit = daemon.get(f"/api/admin/deploy/{deployment_id}").json()["unit"]
+    weight = daemon.sandbox.systemctl("show", "-P", "CPUWeight", unit).stdout
 
     answer = daemon.post(f"/api/admin/deploy/{deployment_id}/cancel")
     done = daemon.wait(deployment_id)
 
+    assert weight.strip() == "20"
     assert answer.status_code == 200
     assert done["status"] == "cancelled"
     assert daemon.processes_of(done["unit"]) == []

@@ -141,6 +141,11 @@ def test_listen_ipv6_parses(tmp_path: Path) -> None:
             "or https:// URL",
         ),
         (
+            GOOD_TARGET + "cpu_weight = 0\n",
+            "targets.app.cpu_weight: 0 is not a CPU weight (1 to 10000, systemd's "
+            "is 100)",
+        ),
+        (
             '[services.app]\nunit = "app.service"\nport = 70000\n',
             "services.app.port: 70000 is not a TCP port (1 to 65535)",
         ),

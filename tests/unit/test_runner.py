@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from dbus_next import Variant
 
 from ares_deployd import buildlog
 from ares_deployd.config import Target
@@ -26,6 +27,7 @@ def target(tmp_path: Path, **changes: object) -> Target:
         "health_url": None,
         "health_timeout": 30,
         "revision": None,
+        "cpu_weight": 20,
         "rollback_on_failure": False,
     }
     values.update(changes)
@@ -91,6 +93,14 @@ def test_build_properties_bound_a_timeout_as_a_start_timeout(tmp_path: Path) -> 
         tmp_path / "logs" / "id.log"
     )
     assert properties["KillMode"].value == "control-group"
+
+
+def test_build_properties_weigh_the_build_below_services(tmp_path: Path) -> None:
+    default = dict(build_properties(target(tmp_path), "id", tmp_path))
+    heavier = dict(build_properties(target(tmp_path, cpu_weight=300), "id", tmp_path))
+
+    assert default["CPUWeight"] == Variant("t", 20)
+    assert heavier["CPUWeight"].value == 300
 
 
 @pytest.mark.parametrize("ref", ["main", "v1.2.3", "origin/feature-x", "a" * 200])
