@@ -251,12 +251,19 @@ class Notifier:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
+    def _send(self, delivery: Delivery) -> str | None:
+        # On the sending thread: a delivery the receiver took leaves the outbox
+        # at once, even when the daemon stops before the loop hears of it.
+        error = post(delivery)
+        if error is None:
+            self.outbox.done(delivery.id)
+        return error
+
     async def _deliver(self, delivery: Delivery) -> None:
         try:
             loop = asyncio.get_running_loop()
-            error = await loop.run_in_executor(self._pool, post, delivery)
+            error = await loop.run_in_executor(self._pool, self._send, delivery)
             if error is None:
-                self.outbox.done(delivery.id)
                 self._counted("sent")
                 log.debug("delivered %s of %s", delivery.event, delivery.deployment)
                 return
@@ -288,5 +295,7 @@ class Notifier:
                 self._wake.set()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Wait for the deliveries under way (each ends within SEND_TIMEOUT), so
+        that none is sent again after a restart; the rest stay in the outbox."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self.outbox.close()

@@ -385,9 +385,24 @@ class Runner:
             target.name,
             deployment.unit,
         )
-        for listener in self.start_listeners:
-            listener(deployment)
+        self._tell(self.start_listeners, deployment)
         self._spawn(deployment, self._follow(deployment, target))
+
+    @staticmethod
+    def _tell(
+        listeners: list[Callable[[Deployment], None]], deployment: Deployment
+    ) -> None:
+        # A listener that fails (a full disk under the outbox, say) costs its own
+        # work, never the following of the build or the listeners after it.
+        for listener in listeners:
+            try:
+                listener(deployment)
+            except Exception:
+                log.exception(
+                    "deployment %s: %s failed",
+                    deployment.id,
+                    getattr(listener, "__qualname__", listener),
+                )
 
     def _spawn(self, deployment: Deployment, work: object) -> None:
         task = asyncio.ensure_future(work)  # type: ignore[arg-type]
@@ -647,8 +662,7 @@ class Runner:
         for pruned in self.store.prune(self._config().server.history):
             buildlog.log_path(self.state_dir, pruned).unlink(missing_ok=True)
         if finished is not None:
-            for listener in self.listeners:
-                listener(finished)
+            self._tell(self.listeners, finished)
 
     async def _record_end(self, deployment: Deployment, *outcome: Any) -> bool:
         """Commit the end of a deployment, waiting for disk space if it must."""

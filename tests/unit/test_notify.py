@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import http.server
 import json
 import subprocess
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from ares_deployd.config import Notify
-from ares_deployd.notify import Outbox, render, shown_url, sign
+from ares_deployd.notify import Notifier, Outbox, render, shown_url, sign
+from ares_deployd.store import Deployment, Store
 
 DEPLOYMENT = {
     "id": "12345678-aaaa-bbbb-cccc-1234567890ab",
@@ -97,3 +103,49 @@ def test_outbox_keeps_rows_until_done(tmp_path: Path) -> None:
     reopened.done(due[0].id)
     assert reopened.pending() == 1
     assert reopened.due(now=10**12, exclude=set(), limit=10)[0].attempts == 1
+
+
+class SlowReceiver(http.server.BaseHTTPRequestHandler):
+    """Takes each POST, then answers only after a while."""
+
+    received: list[bytes] = []
+    arrived = threading.Event()
+
+    def do_POST(self) -> None:
+        self.received.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self.arrived.set()
+        time.sleep(0.5)
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_notifier_stopped_mid_delivery_does_not_send_it_again(
+    tmp_path: Path,
+) -> None:
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowReceiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{receiver.server_port}/hook"
+    config = SimpleNamespace(notify=(hook(url=url, events=("started",)),))
+    path = tmp_path / "history.sqlite3"
+    notifier = Notifier(lambda: config, Store(path), Outbox(path))  # type: ignore[arg-type]
+    deployment = Deployment(
+        1, DEPLOYMENT["id"], "ares", "running", "unit", 0.0, None, "build",
+        *(None,) * 3, 0, *(None,) * 5,
+    )  # fmt: skip
+    loop = asyncio.new_event_loop()
+    worker = loop.create_task(notifier.run())
+    loop.call_soon(notifier.started, deployment)
+
+    loop.run_until_complete(asyncio.to_thread(SlowReceiver.arrived.wait, 10))
+    worker.cancel()
+    loop.run_until_complete(asyncio.gather(worker, return_exceptions=True))
+    loop.close()
+    notifier.close()
+    receiver.shutdown()
+
+    assert len(SlowReceiver.received) == 1
+    assert json.loads(SlowReceiver.received[0])["event"] == "started"
+    assert Outbox(path).pending() == 0

@@ -10,7 +10,8 @@ from dbus_next import Variant
 from ares_deployd import buildlog
 from ares_deployd.config import Target
 from ares_deployd.errors import DeploydError
-from ares_deployd.runner import build_commands, build_properties, check_ref
+from ares_deployd.runner import Runner, build_commands, build_properties, check_ref
+from ares_deployd.store import Deployment
 
 
 def target(tmp_path: Path, **changes: object) -> Target:
@@ -153,3 +154,21 @@ def test_tail_cuts_at_a_line_and_says_so(tmp_path: Path) -> None:
     assert "GET /api/admin/deploy/id/log" in note
     assert rest.startswith("line ") and rest.endswith("line 999\n")
     assert len(rest) <= 100
+
+
+def test_listeners_after_a_failing_one_are_still_told(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    deployment = Deployment(
+        1, "id", "app", "success", "unit", 0.0, 1.0, "done",
+        *(None,) * 3, 0, *(None,) * 5,
+    )  # fmt: skip
+    told: list[str] = []
+
+    def broken(ended: Deployment) -> None:
+        raise OSError("No space left on device")
+
+    Runner._tell([broken, lambda ended: told.append(ended.id)], deployment)
+
+    assert told == ["id"]
+    assert "deployment id:" in caplog.text and "No space left" in caplog.text
