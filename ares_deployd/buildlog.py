@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -92,14 +91,6 @@ def read_from(path: Path, offset: int) -> bytes:
             return handle.read()
     except FileNotFoundError:
         return b""
-
-
-def chunks(path: Path, offset: int, size: int = 65536) -> Iterator[bytes]:
-    """The log from ``offset`` on, in pieces, for streaming a large file."""
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        while piece := handle.read(size):
-            yield piece
 
 
 REVISION_MARK = "==> Revision "

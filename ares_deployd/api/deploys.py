@@ -176,9 +176,15 @@ class Log:
         offset = _int_param(req, "offset", 0, 0, 2**62)
 
         path = buildlog.log_path(self.runner.state_dir, deployment.id)
+        data = buildlog.read_from(path, offset)
+
+        # The bytes as written, so that offset plus their length is where the
+        # next read starts, whatever a build printed.
         resp.content_type = "text/plain; charset=utf-8"
-        resp.set_header("X-Log-Size", str(buildlog.size(path)))
-        resp.text = buildlog.read_from(path, offset).decode(errors="replace")
+        resp.set_header(
+            "X-Log-Size", str(offset + len(data) if data else buildlog.size(path))
+        )
+        resp.data = data
 
 
 class Events:

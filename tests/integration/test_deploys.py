@@ -74,6 +74,12 @@ user = "root"
 steps = ["true"]
 restart = "does-not-exist.service"
 
+# Prints a byte that is not UTF-8.
+[targets.binary]
+working_directory = "{WORK}"
+user = "nobody"
+steps = ["echo first", "printf 'caf\\\\351\\\\n'"]
+
 [targets.nouser]
 working_directory = "{WORK}"
 user = "no-such-user"
@@ -258,12 +264,14 @@ def test_deploy_output_is_cut_to_the_last_mebibyte(daemon: Deployd) -> None:
 
 
 def test_log_offset_returns_the_rest(daemon: Deployd) -> None:
-    done = daemon.wait(daemon.deploy("multi"))
+    done = daemon.wait(daemon.deploy("binary"))
     whole = daemon.get(f"/api/admin/deploy/{done['id']}/log").content
 
     part = daemon.get(f"/api/admin/deploy/{done['id']}/log", params={"offset": 10})
 
+    assert b"\ncaf\xe9\n" in whole
     assert part.content == whole[10:]
+    assert int(part.headers["X-Log-Size"]) == len(whole)
     assert (
         daemon.get(
             f"/api/admin/deploy/{done['id']}/log", params={"offset": 10**9}
