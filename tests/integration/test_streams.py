@@ -77,9 +77,11 @@ def events(response: requests.Response) -> Iterator[dict[str, str]]:
                 fields[name] = value
 
 
-def open_stream(daemon: Deployd, path: str, **headers: str) -> requests.Response:
+def open_stream(
+    daemon: Deployd, path: str, timeout: float = 30, **headers: str
+) -> requests.Response:
     return daemon.http.get(
-        daemon.base_url + path, stream=True, timeout=30, headers=headers
+        daemon.base_url + path, stream=True, timeout=timeout, headers=headers
     )
 
 
@@ -211,15 +213,17 @@ def test_streams_past_the_cap_are_refused_and_others_still_served(
         for stream in held:
             stream.close()
 
-    # The dropped clients' places and files come back within seconds, and no
-    # thread was made for them beyond waitress's fixed pool.
+    # The dropped clients' places, threads and files come back within seconds:
+    # as many streams open again, each answered by a thread of the pool at once,
+    # and no thread was made for them beyond waitress's fixed pool.
     deadline = time.monotonic() + 10
     while _open_files(daemon) > files_before:
         assert time.monotonic() < deadline, "closed streams kept their files open"
         time.sleep(0.2)
-    again = daemon.get(path, stream=True)
-    assert again.status_code == 200
-    again.close()
+    again = [open_stream(daemon, path, timeout=5) for _ in range(CAP)]
+    assert [stream.status_code for stream in again] == [200] * CAP
+    for stream in again:
+        stream.close()
     assert _thread_count(daemon) == threads_before
     daemon.post(f"/api/admin/deploy/{deployment_id}/cancel")
     daemon.wait(deployment_id)
