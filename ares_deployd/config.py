@@ -714,6 +714,37 @@ def load_secret(config: Config) -> str:
     return secret
 
 
+def _on_loopback(address: str) -> bool:
+    host = urlsplit(address).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def unreachable(config: Config) -> list[str]:
+    """The URLs the packaged unit cannot reach: it lets the daemon talk to
+    loopback only, and anything else needs IPAddressAllow= in a drop-in."""
+    urls = [
+        (f"targets.{name}.health_url", target.health_url)
+        for name, target in config.targets.items()
+    ]
+    urls += [
+        (f"services.{name}.health_url", service.health_url)
+        for name, service in config.services.items()
+    ]
+    urls += [(f"notify[{n}].url", hook.url) for n, hook in enumerate(config.notify)]
+    return [
+        f"{where}: {url} is not on loopback, which is all ares-deployd.service "
+        "may reach; allow its address with IPAddressAllow= in a drop-in "
+        "(systemctl edit ares-deployd)"
+        for where, url in urls
+        if url is not None and not _on_loopback(url)
+    ]
+
+
 def reference_markdown() -> str:
     """The configuration reference as Markdown tables, one per TOML table."""
     lines = []

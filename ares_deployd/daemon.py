@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -252,12 +253,19 @@ class Daemon:
         except DeploydError as error:
             log.error("reload refused: %s", error.message)
             return
-        if fresh.server.listen != self.config.server.listen and not (
-            self.server is not None and self.server.activated
-        ):
-            log.warning("a new listen address takes effect only on restart")
-        if fresh.server.metrics_listen != self.config.server.metrics_listen:
-            log.warning("a new metrics_listen takes effect only on restart")
+        # What the daemon set up at start stays as it was until a restart.
+        kept = {}
+        for key in ("listen", "metrics_listen", "state_dir", "max_streams"):
+            old, new = getattr(self.config.server, key), getattr(fresh.server, key)
+            if old != new:
+                kept[key] = old
+                if key != "listen" or not (self.server and self.server.activated):
+                    log.warning("server.%s: a new value takes effect on restart", key)
+        fresh = dataclasses.replace(
+            fresh, server=dataclasses.replace(fresh.server, **kept)
+        )
+        for warning in configuration.unreachable(fresh):
+            log.warning("%s", warning)
         self.config, self.secret = fresh, secret
         self.monitor.reconfigure()
         log.info("configuration reloaded: %d targets", len(fresh.targets))
@@ -305,6 +313,8 @@ def check_config(path: str) -> int:
             "without it",
             file=sys.stderr,
         )
+    for warning in configuration.unreachable(loaded):
+        print(f"{warning_mark}warning: {warning}", file=sys.stderr)
     print("ok")
     return 0
 
@@ -328,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("not starting: %s", error.message)
         return 1
 
+    for warning in configuration.unreachable(loaded):
+        log.warning("%s", warning)
     daemon = Daemon(loaded, secret)
     try:
         daemon.start()

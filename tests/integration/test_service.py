@@ -182,13 +182,18 @@ def test_reload_of_a_broken_file_fails_and_keeps_the_old_configuration(
 
 def test_reload_leaves_a_running_deployment_alone(daemon: Deployd) -> None:
     deployment_id = daemon.deploy("ticking")
-    daemon.configure(NEW_TARGET)
+    # A state directory elsewhere would move the running build's log from under
+    # it: it waits for a restart.
+    daemon.configure(NEW_TARGET, server='state_dir = "/var/lib/elsewhere"\n')
+    since = daemon.sandbox.run("date", "+%Y-%m-%d %H:%M:%S").stdout.strip()
 
     daemon.sandbox.systemctl("reload", UNIT)
     done = daemon.wait(deployment_id)
 
     assert done["status"] == "success"
     assert "tick 10" in done["output"]
+    warnings = journal(daemon, "-p", "warning", "--since", since)
+    assert "server.state_dir: a new value takes effect on restart" in warnings
     daemon.configure(TARGETS)
     daemon.sandbox.systemctl("reload", UNIT)
 

@@ -198,6 +198,26 @@ timeout = "soon"
     ]
 
 
+def test_unreachable_names_urls_off_loopback(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        GOOD_TARGET
+        + 'health_url = "http://[::1]:3000/health"\n'
+        + '[services.web]\nunit = "web.service"\n'
+        + 'health_url = "http://192.0.2.10/health"\n'
+        + '[[notify]]\nurl = "http://localhost:9000/hook"\n'
+        + '[[notify]]\nurl = "https://chat.example.org/hook"\n'
+    )
+
+    warnings = config.unreachable(config.load(str(path)))
+
+    assert [warning.split(" is not")[0] for warning in warnings] == [
+        "services.web.health_url: http://192.0.2.10/health",
+        "notify[1].url: https://chat.example.org/hook",
+    ]
+    assert "IPAddressAllow=" in warnings[0]
+
+
 def test_missing_file_says_so(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
 
