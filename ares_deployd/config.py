@@ -30,6 +30,8 @@ CONFIG_ENV = "ARES_DEPLOYD_CONFIG"
 CREDENTIAL_NAME = "admin-secret"
 
 REQUIRED: Any = object()
+# The revision of a git checkout, where a target names no command of its own.
+GIT_REVISION = "git rev-parse HEAD"
 
 
 class Invalid(ValueError):
@@ -505,13 +507,21 @@ class Target:
     cpu_weight: int
     rollback_on_failure: bool
 
-    def revision_command(self) -> str | None:
-        """The command that prints the revision, or None when none is known."""
+    def revision_command(self) -> tuple[str, bool] | None:
+        """The command that prints the revision, and whether a build in which it
+        prints nothing should say so; None when no revision is to be had."""
         if self.revision is not None:
-            return self.revision or None
-        if (self.working_directory / ".git").exists():
-            return "git rev-parse HEAD"
-        return None
+            return (self.revision, True) if self.revision else None
+        try:
+            if (self.working_directory / ".git").exists():
+                return GIT_REVISION, True
+            if self.working_directory.is_dir():
+                return None
+        except OSError:
+            pass
+        # Hidden from the daemon (ProtectHome=, or a directory only the target's
+        # user may enter): the build, which sees it, tries git, quiet without it.
+        return GIT_REVISION, False
 
 
 @dataclass(frozen=True)

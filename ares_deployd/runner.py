@@ -52,9 +52,11 @@ printf '%s %s %s\\n' "$SERVICE_RESULT" "$EXIT_CODE" "$EXIT_STATUS" > "$1.tmp"
 mv "$1.tmp" "$1"
 """
 
-# Prints the revision a command reports, or "unknown"; never fails the build.
+# Prints the revision a command reports, or "unknown" (nothing at all when told
+# to be quiet); never fails the build.
 REVISION_SCRIPT = """\
 revision=$(/bin/sh -c "$2" 2>/dev/null | head -n 1)
+[ -z "$revision" ] && [ "$3" = quiet ] && exit 0
 printf '==> Revision %s: %s\\n' "$1" "${revision:-unknown}"
 """
 
@@ -107,8 +109,13 @@ def build_commands(target: Target) -> list[list[object]]:
     ]
     revision = target.revision_command()
     if revision:
-        commands.insert(0, _shell(REVISION_SCRIPT, "revision", "before", revision))
-        commands.append(_shell(REVISION_SCRIPT, "revision", "after", revision))
+        command, say_unknown = revision
+        mode = "say" if say_unknown else "quiet"
+        before, after = (
+            _shell(REVISION_SCRIPT, "revision", when, command, mode)
+            for when in ("before", "after")
+        )
+        commands = [before, *commands, after]
     return commands
 
 

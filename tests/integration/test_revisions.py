@@ -14,6 +14,8 @@ pytestmark = pytest.mark.integration
 ORIGIN = "/srv/origin"
 CHECKOUT = "/srv/checkout"
 SITE = "/srv/site"
+# Under /home, which the daemon's unit hides from it and the build's does not.
+HIDDEN = "/home/deployer/app"
 LIVE = "/srv/live"
 APP_PORT = free_port()
 
@@ -44,6 +46,11 @@ restart = "app.service"
 health_url = "http://127.0.0.1:{APP_PORT}/health"
 health_timeout = "2s"
 rollback_on_failure = true
+
+[targets.hidden]
+working_directory = "{HIDDEN}"
+user = "root"
+steps = ["cat VERSION"]
 
 [targets.echo]
 working_directory = "{WORK}"
@@ -95,7 +102,7 @@ def repo(deployd: Deployd) -> Repo:
     sandbox.run("git", "init", "--quiet", "--initial-branch=main", ORIGIN)
     origin = Repo(deployd)
     origin.commit({"VERSION": "one\n", "public/index.html": "one\n"}, "one")
-    for clone in (CHECKOUT, SITE):
+    for clone in (CHECKOUT, SITE, HIDDEN):
         sandbox.run("git", "clone", "--quiet", ORIGIN, clone)
     sandbox.run("cp", "-r", f"{SITE}/public", LIVE)
     sandbox.write("/etc/systemd/system/app.service", APP_UNIT)
@@ -134,6 +141,18 @@ def test_revision_recorded_before_and_after(deployd: Deployd, repo: Repo) -> Non
     assert [d["id"] for d in found["deploys"]] == [moved["id"]]
     listed = deployd.get("/api/admin/deploys", params={"limit": 1}).json()["deploys"]
     assert listed[0]["revision"] == first
+
+
+def test_revision_of_a_checkout_the_daemon_cannot_see(
+    deployd: Deployd, repo: Repo
+) -> None:
+    head = repo.git("rev-parse", "HEAD", cwd=HIDDEN)
+
+    done = _deploy(deployd, "hidden")
+    plain = _deploy(deployd, "plain")
+
+    assert (done["revision_before"], done["revision"]) == (head, head)
+    assert "==> Revision" not in plain["output"]
 
 
 def test_rollback_endpoint_deploys_the_revision_before(

@@ -48,15 +48,31 @@ def test_build_commands_mark_revisions_in_a_git_checkout(tmp_path: Path) -> None
 
     commands = build_commands(target(tmp_path))
 
-    assert commands[0][1][-2:] == ["before", "git rev-parse HEAD"]
-    assert commands[-1][1][-2:] == ["after", "git rev-parse HEAD"]
+    assert commands[0][1][-3:] == ["before", "git rev-parse HEAD", "say"]
+    assert commands[-1][1][-3:] == ["after", "git rev-parse HEAD", "say"]
+    assert len(commands) == 4
+
+
+def test_build_commands_mark_no_revision_outside_a_git_checkout(
+    tmp_path: Path,
+) -> None:
+    assert len(build_commands(target(tmp_path))) == 2
+
+
+def test_build_commands_try_git_quietly_where_the_daemon_cannot_look(
+    tmp_path: Path,
+) -> None:
+    # As under ProtectHome=tmpfs: the working directory is not there at all.
+    commands = build_commands(target(tmp_path / "home" / "app"))
+
+    assert commands[0][1][-3:] == ["before", "git rev-parse HEAD", "quiet"]
     assert len(commands) == 4
 
 
 def test_build_commands_use_the_configured_revision_command(tmp_path: Path) -> None:
     commands = build_commands(target(tmp_path, revision="cat REVISION"))
 
-    assert commands[0][1][-1] == "cat REVISION"
+    assert commands[0][1][-2:] == ["cat REVISION", "say"]
 
 
 def test_build_properties_pass_the_ref_only_in_the_environment(tmp_path: Path) -> None:
