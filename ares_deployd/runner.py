@@ -540,6 +540,14 @@ class Runner:
                 rollback_of=failed.id,
             )
         except Busy as busy:
+            # A deployment asked for meanwhile took the target first: the failed
+            # one names no rollback that never came to be.
+            self.store.update(failed.id, rolled_back_by=None)
+            buildlog.append(
+                buildlog.log_path(self.state_dir, failed.id),
+                f"==> Rollback not started: deployment {busy.running.id} started "
+                "meanwhile\n",
+            )
             log.warning(
                 "cannot roll back %s after deployment %s failed: %s started meanwhile",
                 target.name,
