@@ -22,6 +22,7 @@ from tests.sandbox import Sandbox, SandboxError  # noqa: E402
 
 DEMO = "/srv/demo"
 SERVER = ROOT / "examples" / "demo" / "server.py"
+UPSTREAM = f"{DEMO}/upstream"
 
 SERVICE_UNIT = """\
 [Unit]
@@ -49,7 +50,7 @@ ExecStart=/bin/cp -r {demo}/admin/dist/. {demo}/admin/live/
 # A short real build: check the code compiles, stamp a version, stage it.
 BUILD_STEPS = """\
 steps = [
-    "echo Pulling latest changes...; cp {server} src/server.py",
+    "echo Pulling latest changes...; cp {upstream}/server.py src/server.py",
     "echo Compiling...; python3 -m py_compile src/server.py",
     "mkdir -p dist && cp src/server.py dist/ && date -u +%FT%TZ > dist/VERSION",
 ]
@@ -94,6 +95,9 @@ unit = "dirmacs-admin.service"
 def install_demo(sandbox: Sandbox, ports: dict[str, int]) -> str:
     """Create the demo user, services and their first build; the daemon's config."""
     sandbox.run("useradd", "--system", "--no-create-home", "demo")
+    # What the builds pull from, where the demo user can read it wherever the
+    # checkout lies.
+    sandbox.run("install", "-D", "-m", "0644", str(SERVER), f"{UPSTREAM}/server.py")
     for name in ("ares", "eruka", "admin"):
         for sub in ("src", "dist", "live"):
             sandbox.run("install", "-d", "-o", "demo", f"{DEMO}/{name}/{sub}")
@@ -106,7 +110,7 @@ def install_demo(sandbox: Sandbox, ports: dict[str, int]) -> str:
     )
     sandbox.systemctl("daemon-reload")
     sandbox.systemctl("start", "ares.service", "eruka.service", "dirmacs-admin")
-    steps = BUILD_STEPS.format(server=SERVER)
+    steps = BUILD_STEPS.format(upstream=UPSTREAM)
     return CONFIG.format(demo=DEMO, steps=steps, **ports)
 
 
