@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deployd import ROOT, Deployd, free_port
+from tests.deployd import ROOT, STATE, Deployd, free_port
 from tests.integration.conftest import WORK
 
 pytestmark = pytest.mark.integration
@@ -281,16 +281,27 @@ def test_log_offset_returns_the_rest(daemon: Deployd) -> None:
 
 
 def test_list_is_newest_first_with_filters_and_paging(daemon: Deployd) -> None:
-    ids = [daemon.wait(daemon.deploy("multi"))["id"] for _ in range(3)]
+    stored = len(
+        daemon.get("/api/admin/deploys", params={"limit": 200}).json()["deploys"]
+    )
+    ids = [
+        daemon.wait(daemon.deploy("multi"))["id"] for _ in range(max(3, 21 - stored))
+    ]
+    ids = ids[-3:]
 
     everything = daemon.get("/api/admin/deploys").json()["deploys"]
+    newest = daemon.get("/api/admin/deploys", params={"limit": 200}).json()["deploys"]
     mine = daemon.get("/api/admin/deploys", params={"target": "multi"}).json()
     page = daemon.get(
         "/api/admin/deploys", params={"target": "multi", "limit": 1, "before": ids[2]}
     ).json()
     failed = daemon.get("/api/admin/deploys", params={"status": "failed"}).json()
 
-    assert len(everything) <= 20
+    assert len(newest) > 20
+    assert everything == newest[:20]
+    assert [d["started_at"] for d in newest] == sorted(
+        (d["started_at"] for d in newest), reverse=True
+    )
     assert set(everything[0]) >= {"id", "target", "status", "started_at", "finished_at"}
     assert [d["id"] for d in mine["deploys"][:3]] == ids[::-1]
     assert [d["id"] for d in page["deploys"]] == [ids[1]]
@@ -423,6 +434,21 @@ def test_api_doc_python_example_prints_the_output(
     )
 
     assert result.returncode == 0, result.stderr
-    assert "Status: running" in result.stdout or "Status: success" in result.stdout
     assert "Status: success" in result.stdout
     assert "third" in result.stdout
+
+
+def test_history_beyond_its_bound_is_pruned_with_its_logs(daemon: Deployd) -> None:
+    daemon.configure(TARGETS, server="history = 3\n")
+    daemon.restart()
+    try:
+        ids = [daemon.wait(daemon.deploy("multi"))["id"] for _ in range(4)]
+        kept = daemon.get("/api/admin/deploys", params={"limit": 200}).json()
+        logs = daemon.sandbox.path(f"{STATE}/logs")
+    finally:
+        daemon.configure(TARGETS)
+        daemon.restart()
+
+    assert [d["id"] for d in kept["deploys"]] == ids[:0:-1]
+    assert daemon.get(f"/api/admin/deploy/{ids[0]}").status_code == 404
+    assert sorted(path.stem for path in logs.iterdir()) == sorted(ids[1:])
