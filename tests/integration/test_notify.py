@@ -271,7 +271,16 @@ def test_metrics_match_the_api(
         for s in families["ares_deployd_service_state"].samples
         if s.labels["service"] == "bus"
     }
-    assert states == {"running": 1, "degraded": 0, "stopped": 0}
+    shown = daemon.get("/api/admin/services/bus").json()["status"]
+    assert states == {state: int(state == shown) for state in states}
+    assert set(states) == {"running", "degraded", "stopped"}
+    durations = {
+        s.labels["target"]: s.value
+        for s in families["ares_deployd_deployment_duration_seconds"].samples
+        if s.name.endswith("_count")
+    }
+    assert durations == {target: float(n) for target, n in started.items()}
+    assert families["ares_deployd_streams_open"].samples[0].value == 0
     routes = {s.labels["route"] for s in families["ares_deployd_http_requests"].samples}
     assert "/api/admin/deploy/{id}" in routes
     sent = [
