@@ -156,6 +156,25 @@ def test_events_resume_after_last_event_id_without_loss_or_repeat(
     assert second[-1]["event"] == "status"
 
 
+def test_events_of_a_quiet_build_keep_the_stream_alive(daemon: Deployd) -> None:
+    deployment_id = daemon.deploy("endless")
+    path = f"/api/admin/deploy/{deployment_id}/events"
+
+    seen: list[tuple[float, bytes]] = []
+    with open_stream(daemon, path) as stream:
+        begun = time.monotonic()
+        for raw in stream.iter_lines():
+            seen.append((time.monotonic() - begun, raw))
+            if raw.startswith(b":") or time.monotonic() - begun > 25:
+                break
+    daemon.post(f"/api/admin/deploy/{deployment_id}/cancel")
+    daemon.wait(deployment_id)
+
+    # Nothing but its first lines, then a comment before proxies give up on it.
+    assert seen[-1][1] == b": keep-alive", seen
+    assert 10 < seen[-1][0] < 20, seen
+
+
 def test_events_bad_last_event_id_is_400(daemon: Deployd) -> None:
     deployment_id = daemon.deploy("quick")
     path = f"/api/admin/deploy/{deployment_id}/events"
