@@ -478,7 +478,12 @@ class Runner:
                 self.store.update(deployment.id, phase="restart")
             if target is None or target.restart is None:
                 raise Failure(f"the target {deployment.target} is no longer configured")
-            await self._restart(deployment, target)
+            if deployment.phase == "health":
+                # Picked up again after the restart was seen through: only the
+                # health check is left, and the service is not restarted twice.
+                await self._health(deployment, target)
+            else:
+                await self._restart(deployment, target)
             await self._finish(deployment, SUCCESS)
         except Failure as failure:
             if buildlog.space_left(self.state_dir) < LOW_SPACE:
@@ -620,6 +625,11 @@ class Runner:
 
         if target.health_url:
             self.store.update(deployment.id, phase="health")
+        await self._health(deployment, target)
+
+    async def _health(self, deployment: Deployment, target: Target) -> None:
+        output = buildlog.log_path(self.state_dir, deployment.id)
+        if target.health_url:
             buildlog.append(output, f"Checking {target.health_url}...\n")
             await self._check_health(target.health_url, target.health_timeout)
         buildlog.append(output, "Service started successfully.\n")
@@ -706,8 +716,6 @@ class Runner:
                 deployment.target,
                 deployment.phase,
             )
-            if deployment.phase == "health":
-                deployment.phase = "restart"
             self._spawn(deployment, self._follow(deployment, target))
         return len(running)
 

@@ -10,13 +10,23 @@ import time
 
 import pytest
 
-from tests.deployd import STATE, Deployd
+from tests.deployd import ROOT, STATE, Deployd, free_port
 from tests.integration.conftest import WORK
 
 pytestmark = pytest.mark.integration
 
 
+CHECKED_PORT = free_port()
+
 TARGETS = f"""
+[targets.checked]
+working_directory = "{WORK}"
+user = "nobody"
+steps = ["echo built"]
+restart = "checked.service"
+health_url = "http://127.0.0.1:{CHECKED_PORT}/health"
+health_timeout = "60s"
+
 [targets.slowstart]
 working_directory = "{WORK}"
 user = "nobody"
@@ -53,9 +63,18 @@ ExecStart=/bin/sleep infinity
 """
 
 
+# Unhealthy while the file exists, so that a deployment waits in its health check.
+CHECKED_UNIT = f"""\
+[Service]
+ExecStart=/usr/bin/python3 {ROOT}/examples/demo/server.py {CHECKED_PORT} checked
+Environment=UNHEALTHY_FILE=/run/checked-unhealthy
+"""
+
+
 @pytest.fixture(scope="module")
 def daemon(deployd: Deployd) -> Deployd:
     deployd.sandbox.write("/etc/systemd/system/slowstart.service", SLOW_UNIT)
+    deployd.sandbox.write("/etc/systemd/system/checked.service", CHECKED_UNIT)
     deployd.sandbox.systemctl("daemon-reload")
     deployd.configure(TARGETS)
     deployd.restart()
@@ -94,6 +113,27 @@ def test_fault_sigkill_during_the_restart_step(daemon: Deployd) -> None:
     assert output.rstrip().endswith("==> Deployment succeeded")
     state = daemon.sandbox.systemctl("is-active", "slowstart.service", check=False)
     assert state.stdout.strip() == "active"
+
+
+def test_fault_sigkill_during_the_health_check_does_not_restart_again(
+    daemon: Deployd,
+) -> None:
+    daemon.sandbox.write("/run/checked-unhealthy", "")
+    deployment_id = daemon.deploy("checked")
+    wait_for_phase(daemon, deployment_id, "health")
+    restarted = daemon.sandbox.systemctl("show", "-P", "MainPID", "checked.service")
+    old = daemon.main_pid()
+
+    daemon.kill("SIGKILL")
+    wait_for_new_daemon(daemon, old)
+    daemon.sandbox.run("rm", "/run/checked-unhealthy")
+    done = daemon.wait(deployment_id, timeout=90)
+
+    assert done["status"] == "success", done["output"]
+    assert done["output"].count("Restarting checked.service...") == 1
+    assert done["output"].rstrip().endswith("==> Deployment succeeded")
+    now = daemon.sandbox.systemctl("show", "-P", "MainPID", "checked.service")
+    assert now.stdout == restarted.stdout
 
 
 def test_fault_bus_restarted_during_a_build(daemon: Deployd) -> None:
