@@ -31,12 +31,15 @@ class Load:
 
 
 def _wrk_seconds(text: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    assert match is not None, text
+    number, unit = match.groups()
     return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
 
 
 def wrk(url: str, headers: dict[str, str], seconds: float, connections: int) -> Load:
-    argv = ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds:.0f}s"]
+    duration = f"{max(1, round(seconds))}s"
+    argv = ["wrk", "-t", "2", "-c", str(connections), "-d", duration]
     argv += ["--latency", "--timeout", "10s"]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]

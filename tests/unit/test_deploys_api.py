@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import falcon.testing
 import pytest
@@ -20,12 +21,13 @@ ID = "0b6a3c1e-5d2f-4e8a-9c7b-1f2e3d4c5b6a"
 def parts(tmp_path: Path) -> tuple[falcon.testing.TestClient, Store]:
     store = Store(tmp_path / "history.sqlite3")
     (tmp_path / "logs").mkdir()
-    runner = SimpleNamespace(store=store, state_dir=tmp_path)
+    # The resources read only the store and the state directory of a runner.
+    runner: Any = SimpleNamespace(store=store, state_dir=tmp_path)
     app = create_app(
         lambda: "s",
         {
-            "/api/admin/deploys": deploys.DeployList(runner),  # type: ignore[arg-type]
-            "/api/admin/deploy/{id}": deploys.DeploymentResource(runner),  # type: ignore[arg-type]
+            "/api/admin/deploys": deploys.DeployList(runner),
+            "/api/admin/deploy/{id}": deploys.DeploymentResource(runner),
         },
     )
     return falcon.testing.TestClient(app, headers={"X-Admin-Secret": "s"}), store
