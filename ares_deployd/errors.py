@@ -34,6 +34,7 @@ class DeploydError(Exception):
         self.extra = extra
 
     def to_json(self) -> dict[str, Any]:
+        """The body of the error answer: ``error``, ``message`` and any extras."""
         return {"error": self.code, "message": self.message, **self.extra}
 
 

@@ -135,6 +135,7 @@ class Outbox:
             )
 
     def due(self, now: float, exclude: set[int], limit: int) -> list[Delivery]:
+        """Up to ``limit`` rows due by ``now``, earliest first, but ``exclude``."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM outbox WHERE due <= ? ORDER BY due LIMIT ?",
@@ -148,10 +149,12 @@ class Outbox:
         return row["due"]
 
     def done(self, delivery_id: int) -> None:
+        """Take a row out: delivered, or given up on."""
         with self._lock:
             self._db.execute("DELETE FROM outbox WHERE id = ?", (delivery_id,))
 
     def retry(self, delivery_id: int, due: float, error: str) -> None:
+        """Count a failed attempt and set when to try again."""
         with self._lock:
             self._db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, due = ?, last_error = ?"

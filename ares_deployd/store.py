@@ -67,6 +67,7 @@ INDEXES = "CREATE INDEX IF NOT EXISTS by_revision ON deployments (revision, seq)
 
 
 def rfc3339(timestamp: float | None) -> str | None:
+    """A Unix time as the API shows it: UTC, whole seconds, with a ``Z``."""
     if timestamp is None:
         return None
     return _rfc3339(int(timestamp))
@@ -260,17 +261,20 @@ class Store:
         return created
 
     def get(self, deployment_id: str) -> Deployment | None:
+        """The deployment with that id, or None when there is none."""
         return self._one(
             f"SELECT {COLUMNS} FROM deployments WHERE id = ?", (deployment_id,)
         )
 
     def running_for(self, target: str) -> Deployment | None:
+        """The deployment of ``target`` that is running, if one is."""
         return self._one(
             f"SELECT {COLUMNS} FROM deployments WHERE target = ? AND status = ?",
             (target, RUNNING),
         )
 
     def running(self) -> list[Deployment]:
+        """Every deployment still running, oldest first."""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {COLUMNS} FROM deployments WHERE status = ? ORDER BY seq",
@@ -279,6 +283,7 @@ class Store:
         return [Deployment(*row) for row in rows]
 
     def latest(self) -> Deployment | None:
+        """The newest deployment of all, or None in an empty history."""
         return self._one(
             f"SELECT {COLUMNS} FROM deployments ORDER BY seq DESC LIMIT 1", ()
         )
