@@ -177,6 +177,7 @@ class Daemon:
         self.loop.run(self.systemd.connect(), timeout=30)
         self.loop.submit(self._watch_bus())
         self.runner.prepare()
+        self.notifier.catch_up()
         attached = self.loop.run(self.runner.reattach(), timeout=30)
         self.loop.run(self.monitor.start(), timeout=30)
         middleware: list[object] = []

@@ -5,7 +5,9 @@ history database, with its body fixed at the time of the event. A worker on the
 daemon's loop delivers due rows on threads of its own, so a receiver that hangs
 never holds up a deployment or a health check. A row is retried with backoff
 until its ``retry_for`` window closes, then dropped with a warning; rows survive
-a restart of the daemon.
+a restart of the daemon. The rows of an event are queued in the transaction that
+marks its deployment as told of it, so that a start can queue what a stopped run
+had recorded and not queued yet, and nothing twice.
 """
 
 from __future__ import annotations
@@ -116,23 +118,52 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
 
-    def add(self, event: str, deployment: str, hook: Notify, body: str) -> None:
+    def add(
+        self, rows: list[tuple[str, str, Notify, str]], deployment: str, mark: str
+    ) -> None:
+        """Queue ``(event, deployment, hook, body)`` rows and mark ``deployment``
+        as told of ``mark``, in one transaction: an event is queued exactly when
+        it is marked, whatever stops the daemon."""
         now = time.time()
         with self._lock:
-            self._db.execute(
-                "INSERT INTO outbox (event, deployment, url, secret_file, body,"
-                " created, give_up, due) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    event,
-                    deployment,
-                    hook.url,
-                    str(hook.secret_file) if hook.secret_file else None,
-                    body,
-                    now,
-                    now + hook.retry_for,
-                    now,
-                ),
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO outbox (event, deployment, url, secret_file, body,"
+                    " created, give_up, due) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            event,
+                            deployment_id,
+                            hook.url,
+                            str(hook.secret_file) if hook.secret_file else None,
+                            body,
+                            now,
+                            now + hook.retry_for,
+                            now,
+                        )
+                        for event, deployment_id, hook, body in rows
+                    ],
+                )
+                self._db.execute(
+                    "UPDATE deployments SET notified = ? WHERE id = ?",
+                    (mark, deployment),
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def untold(self) -> list[str]:
+        """The deployments whose last change of state was never queued: the
+        daemon stopped between recording it and queueing its event."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM deployments WHERE notified IS NOT"
+                " CASE status WHEN 'running' THEN 'started' ELSE status END"
+                " ORDER BY seq"
+            ).fetchall()
+        return [row["id"] for row in rows]
 
     def due(self, now: float, exclude: set[int], limit: int) -> list[Delivery]:
         """Up to ``limit`` rows due by ``now``, earliest first, but ``exclude``."""
@@ -219,24 +250,56 @@ class Notifier:
     # Called on the loop thread by the runner.
 
     def started(self, deployment: Deployment) -> None:
-        self._emit("started", deployment)
+        self._emit([("started", deployment)], deployment.id, "started")
 
     def finished(self, deployment: Deployment) -> None:
+        events = []
         event = FINISHED_EVENTS.get(deployment.status)
         if event:
-            self._emit(event, deployment)
+            events.append((event, deployment))
         if deployment.status == SUCCESS and deployment.rollback_of:
             undone = self._store.get(deployment.rollback_of)
             if undone is not None:
-                self._emit("rolled_back", undone)
+                events.append(("rolled_back", undone))
+        self._emit(events, deployment.id, deployment.status)
 
-    def _emit(self, event: str, deployment: Deployment) -> None:
-        shown = deployment.as_json()
-        for hook in self._config().notify:
-            if hook.wants(event, deployment.target):
-                body = render(hook, event, shown)
-                self.outbox.add(event, deployment.id, hook, body)
-        if self._wake is not None:
+    def catch_up(self) -> int:
+        """Queue what a previous run recorded but never queued; how many.
+
+        Call before deployments are followed again, so that nothing else
+        queues meanwhile.
+        """
+        untold = self.outbox.untold()
+        for deployment_id in untold:
+            deployment = self._store.get(deployment_id)
+            if deployment is None:
+                continue
+            log.info(
+                "queueing the notification of deployment %s that a previous run "
+                "left unsent",
+                deployment_id,
+            )
+            if deployment.status == "running":
+                self.started(deployment)
+            else:
+                self.finished(deployment)
+        return len(untold)
+
+    def _emit(
+        self, events: list[tuple[str, Deployment]], deployment_id: str, mark: str
+    ) -> None:
+        rows = []
+        for event, deployment in events:
+            shown = deployment.as_json()
+            for hook in self._config().notify:
+                if hook.wants(event, deployment.target):
+                    rows.append(
+                        (event, deployment.id, hook, render(hook, event, shown))
+                    )
+        # Marked even when no hook wants it: a hook added later is not sent the
+        # past.
+        self.outbox.add(rows, deployment_id, mark)
+        if rows and self._wake is not None:
             self._wake.set()
 
     async def run(self) -> None:

@@ -62,6 +62,9 @@ ADDED_COLUMNS = {
     "revision": "TEXT",
     "rollback_of": "TEXT",
     "rolled_back_by": "TEXT",
+    # The last event queued for the webhooks: "started", then the final status.
+    # Set with the queueing itself (see notify.py), never shown by the API.
+    "notified": "TEXT",
 }
 INDEXES = "CREATE INDEX IF NOT EXISTS by_revision ON deployments (revision, seq);"
 
@@ -176,6 +179,12 @@ class Store:
                     self._db.execute(
                         f"ALTER TABLE deployments ADD COLUMN {column} {kind}"
                     )
+            if "notified" not in present:
+                # A history older than the mark: its events were dealt with then.
+                self._db.execute(
+                    "UPDATE deployments SET notified = CASE status"
+                    " WHEN 'running' THEN 'started' ELSE status END"
+                )
             self._db.executescript(INDEXES)
 
     def close(self) -> None:
