@@ -88,7 +88,9 @@ def machine(deb: Path) -> Iterator[Sandbox]:
     reason = can_boot()
     if reason is not None:
         pytest.fail(f"cannot boot a sandbox: {reason}")
-    with Sandbox.boot() as sandbox:
+    # The checkout (the package, the demo service) is shared: under /tmp, the
+    # sandbox's own /tmp would hide it.
+    with Sandbox.boot(share=[ROOT, deb.parent]) as sandbox:
         sandbox.run("install", "-d", "-m", "1777", WORK)
         sandbox.write("/etc/systemd/system/demo.service", DEMO_UNIT)
         sandbox.systemctl("daemon-reload")
