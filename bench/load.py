@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -64,101 +65,44 @@ def wrk(url: str, headers: dict[str, str], seconds: float, connections: int) -> 
     )
 
 
-def python_client(
-    url: str, headers: dict[str, str], seconds: float, connections: int
+def _drive(
+    url: str,
+    headers: dict[str, str],
+    connections: int,
+    next_due: Callable[[], float | None],
 ) -> Load:
+    """GET ``url`` from ``connections`` threads, each request when ``next_due``
+    says (a ``perf_counter`` time; None to stop), its latency counted from then."""
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
-    deadline = time.monotonic() + seconds
+
+    def connect() -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
 
     def worker() -> None:
         mine, failed = [], 0
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-        while time.monotonic() < deadline:
-            start = time.perf_counter()
-            try:
-                connection.request("GET", path, headers=headers)
-                response = connection.getresponse()
-                response.read()
-                if response.status >= 300:
-                    failed += 1
-            except (OSError, http.client.HTTPException):
-                failed += 1
-                connection.close()
-                connection = http.client.HTTPConnection(
-                    parts.hostname, parts.port, timeout=10
-                )
-            mine.append(time.perf_counter() - start)
-        connection.close()
-        with lock:
-            latencies.extend(mine)
-            errors[0] += failed
-
-    started = time.monotonic()
-    threads = [threading.Thread(target=worker) for _ in range(connections)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.monotonic() - started
-    latencies.sort()
-    return Load(
-        requests=len(latencies),
-        errors=errors[0],
-        seconds=elapsed,
-        p50=statistics.median(latencies),
-        p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-    )
-
-
-def paced(
-    url: str, headers: dict[str, str], seconds: float, rate: float, connections: int = 4
-) -> Load:
-    """GET ``url`` at a steady ``rate`` a second for ``seconds``.
-
-    Each request's latency counts from when it was due, not from when a client
-    got round to sending it, so a server that falls behind shows it.
-    """
-    parts = urlsplit(url)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    total = int(seconds * rate)
-    started = time.perf_counter() + 0.05
-    due = iter(range(total))
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-
-    def worker() -> None:
-        mine, failed = [], 0
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-        while True:
-            with lock:
-                number = next(due, None)
-            if number is None:
-                break
-            when = started + number / rate
+        connection = connect()
+        while (when := next_due()) is not None:
             time.sleep(max(0.0, when - time.perf_counter()))
             try:
                 connection.request("GET", path, headers=headers)
                 response = connection.getresponse()
                 response.read()
-                if response.status >= 300:
-                    failed += 1
+                failed += response.status >= 300
             except (OSError, http.client.HTTPException):
                 failed += 1
                 connection.close()
-                connection = http.client.HTTPConnection(
-                    parts.hostname, parts.port, timeout=10
-                )
+                connection = connect()
             mine.append(time.perf_counter() - when)
         connection.close()
         with lock:
             latencies.extend(mine)
             errors[0] += failed
 
+    started = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(connections)]
     for thread in threads:
         thread.start()
@@ -173,6 +117,39 @@ def paced(
         p50=statistics.median(latencies),
         p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
     )
+
+
+def python_client(
+    url: str, headers: dict[str, str], seconds: float, connections: int
+) -> Load:
+    """As many requests as the clients can make, one after another each."""
+    deadline = time.perf_counter() + seconds
+
+    def now_until_the_deadline() -> float | None:
+        now = time.perf_counter()
+        return now if now < deadline else None
+
+    return _drive(url, headers, connections, now_until_the_deadline)
+
+
+def paced(
+    url: str, headers: dict[str, str], seconds: float, rate: float, connections: int = 4
+) -> Load:
+    """GET ``url`` at a steady ``rate`` a second for ``seconds``.
+
+    Each request's latency counts from when it was due, not from when a client
+    got round to sending it, so a server that falls behind shows it.
+    """
+    started = time.perf_counter() + 0.05
+    numbers = iter(range(int(seconds * rate)))
+    lock = threading.Lock()
+
+    def next_slot() -> float | None:
+        with lock:
+            number = next(numbers, None)
+        return None if number is None else started + number / rate
+
+    return _drive(url, headers, connections, next_slot)
 
 
 def load(
