@@ -330,19 +330,6 @@ def url_of(listen: config.Listen) -> str:
     return f"http://{host}:{listen.port}"
 
 
-def _read_secret_file(path: str) -> str:
-    try:
-        secret = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
-        reason = getattr(error, "strerror", None) or "not UTF-8 text"
-        raise DeploydError(
-            0, "no_secret", f"{path}: cannot read the admin secret: {reason}"
-        ) from None
-    if not secret:
-        raise DeploydError(0, "no_secret", f"{path}: the admin secret is empty")
-    return secret
-
-
 def resolve_connection(
     url: str | None, secret_file: str | None, config_path: str | None
 ) -> tuple[str, str]:
@@ -354,7 +341,7 @@ def resolve_connection(
     """
     url = url or os.environ.get(URL_ENV) or None
     if secret_file:
-        secret: str | None = _read_secret_file(secret_file)
+        secret: str | None = config.read_secret_file(Path(secret_file))
     else:
         secret = os.environ.get(SECRET_ENV) or None
     if url is not None and secret is not None:

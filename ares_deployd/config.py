@@ -708,20 +708,36 @@ def load_secret(config: Config) -> str:
     # os.path.exists: a credential this process may not see counts as absent.
     if credentials and os.path.exists(Path(credentials) / CREDENTIAL_NAME):
         path = Path(credentials) / CREDENTIAL_NAME
+    return read_secret_file(
+        path, missing="no admin secret file; create one (mode 0600)"
+    )
+
+
+def read_secret_file(path: Path, missing: str | None = None) -> str:
+    """The secret a file holds, without surrounding whitespace.
+
+    Raises:
+        DeploydError: ``no_secret`` when the file is unreadable or empty; for a
+            file that does not exist, ``missing`` says what to do when given.
+    """
     try:
         secret = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise DeploydError(
-            500, "no_secret", f"{path}: no admin secret file; create one (mode 0600)"
-        ) from None
+    except FileNotFoundError as error:
+        if missing is None:
+            raise _unreadable(path, error) from None
+        raise DeploydError(500, "no_secret", f"{path}: {missing}") from None
     except (OSError, UnicodeDecodeError) as error:
-        reason = getattr(error, "strerror", None) or "not UTF-8 text"
-        raise DeploydError(
-            500, "no_secret", f"{path}: cannot read the admin secret: {reason}"
-        ) from None
+        raise _unreadable(path, error) from None
     if not secret:
         raise DeploydError(500, "no_secret", f"{path}: the admin secret is empty")
     return secret
+
+
+def _unreadable(path: Path, error: Exception) -> DeploydError:
+    reason = getattr(error, "strerror", None) or "not UTF-8 text"
+    return DeploydError(
+        500, "no_secret", f"{path}: cannot read the admin secret: {reason}"
+    )
 
 
 def _on_loopback(address: str) -> bool:

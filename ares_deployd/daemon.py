@@ -265,8 +265,7 @@ class Daemon:
         fresh = dataclasses.replace(
             fresh, server=dataclasses.replace(fresh.server, **kept)
         )
-        for warning in configuration.unreachable(fresh):
-            log.warning("%s", warning)
+        warn_unreachable(fresh)
         self.config, self.secret = fresh, secret
         self.monitor.reconfigure()
         log.info("configuration reloaded: %d targets", len(fresh.targets))
@@ -293,6 +292,11 @@ class Daemon:
         self.loop.stop()
         self.notifier.close()
         self.store.close()
+
+
+def warn_unreachable(config: configuration.Config) -> None:
+    for warning in configuration.unreachable(config):
+        log.warning("%s", warning)
 
 
 def check_config(path: str) -> int:
@@ -339,8 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("not starting: %s", error.message)
         return 1
 
-    for warning in configuration.unreachable(loaded):
-        log.warning("%s", warning)
+    warn_unreachable(loaded)
     daemon = Daemon(loaded, secret)
     try:
         daemon.start()

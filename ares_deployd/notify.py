@@ -32,7 +32,15 @@ from urllib.parse import urlsplit
 
 from ares_deployd import __version__
 from ares_deployd.config import Config, Notify
-from ares_deployd.store import CANCELLED, FAILED, SUCCESS, Deployment, Store
+from ares_deployd.store import (
+    CANCELLED,
+    FAILED,
+    RUNNING,
+    SUCCESS,
+    TOLD,
+    Deployment,
+    Store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +167,7 @@ class Outbox:
         daemon stopped between recording it and queueing its event."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id FROM deployments WHERE notified IS NOT"
-                " CASE status WHEN 'running' THEN 'started' ELSE status END"
-                " ORDER BY seq"
+                f"SELECT id FROM deployments WHERE notified IS NOT {TOLD} ORDER BY seq"
             ).fetchall()
         return [row["id"] for row in rows]
 
@@ -279,7 +285,7 @@ class Notifier:
                 "left unsent",
                 deployment_id,
             )
-            if deployment.status == "running":
+            if deployment.status == RUNNING:
                 self.started(deployment)
             else:
                 self.finished(deployment)

@@ -66,6 +66,8 @@ ADDED_COLUMNS = {
     # Set with the queueing itself (see notify.py), never shown by the API.
     "notified": "TEXT",
 }
+# The mark of a deployment whose webhooks have been told of its current state.
+TOLD = "CASE status WHEN 'running' THEN 'started' ELSE status END"
 INDEXES = "CREATE INDEX IF NOT EXISTS by_revision ON deployments (revision, seq);"
 
 
@@ -181,10 +183,7 @@ class Store:
                     )
             if "notified" not in present:
                 # A history older than the mark: its events were dealt with then.
-                self._db.execute(
-                    "UPDATE deployments SET notified = CASE status"
-                    " WHEN 'running' THEN 'started' ELSE status END"
-                )
+                self._db.execute(f"UPDATE deployments SET notified = {TOLD}")
             self._db.executescript(INDEXES)
 
     def close(self) -> None:
