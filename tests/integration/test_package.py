@@ -309,10 +309,22 @@ def test_package_lintian_reports_no_errors_or_warnings(deb: Path) -> None:
     assert result.returncode == 0 and complaints == [], result.stdout + result.stderr
 
 
-def test_package_purge_leaves_none_of_its_files(daemon: Deployd) -> None:
+def test_package_remove_stops_it_and_purge_leaves_none_of_its_files(
+    daemon: Deployd,
+) -> None:
     sandbox = daemon.sandbox
+    pid = show(daemon, "MainPID")
 
+    sandbox.run("apt-get", "remove", "-y", "ares-deployd", env=APT_ENV, timeout=300)
+    removed_state = show(daemon, "ActiveState")
+    process_left = sandbox.path(f"/proc/{pid}").exists()
+    secret_kept = sandbox.run("cat", SECRET).stdout.strip()
     sandbox.run("apt-get", "purge", "-y", "ares-deployd", env=APT_ENV, timeout=300)
+
+    assert pid != "0"
+    assert removed_state in ("inactive", "")
+    assert not process_left
+    assert secret_kept == daemon.secret
 
     left = sandbox.run(
         "sh", "-c", 'for p; do if [ -e "$p" ] || [ -L "$p" ]; then echo "$p"; fi; done',
